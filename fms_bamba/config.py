@@ -1,0 +1,324 @@
+"""The job config: plain dataclass sections, mirrored 1:1 by the YAML files in configs/ and
+overridable from the command line as ``--section.field=value``."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from data_loader import DataConfig
+from fms_bamba.checkpoint import CheckpointConfig
+
+
+@dataclass
+class JobSection:
+    """Where the run lives and what makes it reproducible."""
+
+    run_dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, tokenizer/; relaunching resumes from it."""
+    seed: int = 0
+    """Seed for model initialisation (the data order has its own seed in `data.seed`)."""
+    description: str = ""
+    """Free text kept with the run (also the W&B run name when set)."""
+
+
+@dataclass
+class ModelSection:
+    """Which model: a preset of `BambaConfig` and the fields a user sets on top of it."""
+
+    preset: str = "tiny"
+    """`BambaConfig` preset: tiny | bamba-1b | bamba-9b."""
+    vocab_size: int | None = None
+    """Vocabulary size; null = the preset's (must cover every token id of the data)."""
+    max_seq_len: int | None = None
+    """Longest sequence the model accepts; null = training.seq_len."""
+    mixer_impl: str = "auto"
+    """Mamba-2 mixer implementation: auto (kernels on CUDA when installed) | reference | kernels."""
+    attn_impl: str = "auto"
+    """Attention implementation: auto | sdpa | flash."""
+    doc_masking: bool = False
+    """Reset SSM state and mask attention at packed-document boundaries (uses the batch's doc_ids)."""
+    tokenizer: str = ""
+    """tokenizer.json, or a directory of tokenizer files, copied to RUN_DIR/tokenizer/ ("" = none; the built-in corpus sets its own)."""
+
+
+@dataclass
+class TrainingSection:
+    """Batch shape, length of the run and the numerical safeguards of a step."""
+
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward pass."""
+    global_batch_sequences: int = 0
+    """Sequences per optimizer step over all ranks (0 = ranks x micro_batch_size, unless global_batch_tokens is set)."""
+    global_batch_tokens: int = 0
+    """Tokens per optimizer step over all ranks (alternative to global_batch_sequences; a multiple of seq_len)."""
+    steps: int = 300
+    """Optimizer steps of the whole run (also the length of the LR schedule)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    dtype: str = "bfloat16"
+    """Parameter/compute dtype on GPU (bfloat16 | float32); gradients reduce in float32, CPU computes in float32."""
+    max_consecutive_skips: int = 10
+    """Stop with an error after this many optimizer steps in a row had a non-finite loss or gradient."""
+    device: str = "auto"
+    """auto (CUDA when available) | cuda | cpu."""
+    debug_nan_at_steps: list[int] = field(default_factory=list)
+    """Test hook: make the loss NaN at these steps (1-based) to exercise step skipping."""
+
+
+@dataclass
+class OptimizerSection:
+    """AdamW (always the fused kernel: it skips a non-finite step without a host sync)."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (A_log, D, dt_bias, norms and biases take none)."""
+
+
+@dataclass
+class LRSchedulerSection:
+    """Warmup, then a decay to a floor over training.steps."""
+
+    warmup_steps: int = 30
+    """Steps of warmup from ~0 to optimizer.lr."""
+    warmup_shape: str = "linear"
+    """linear | quadratic."""
+    decay: str = "cosine"
+    """After warmup: cosine | linear | constant | wsd (warmup-stable-decay, linear decay at the end)."""
+    min_lr: float = 3e-4
+    """Floor the decay ends at (absolute learning rate)."""
+    wsd_decay_fraction: float = 0.2
+    """wsd only: fraction of training.steps spent in the final decay."""
+
+
+@dataclass
+class ParallelismSection:
+    """How ranks split the model: FSDP2 / HSDP, activation checkpointing, compilation."""
+
+    dp_replicate: int = 1
+    """Replicas (HSDP: usually nodes); gradients are all-reduced across them."""
+    dp_shard: int = -1
+    """Ranks each replica is sharded over (-1 = world size / dp_replicate)."""
+    activation_checkpoint: str = "none"
+    """none | full | every-N (recompute every N-th decoder block, e.g. every-2)."""
+    compile: bool = False
+    """torch.compile each decoder block."""
+
+
+@dataclass
+class MetricsSection:
+    """What is logged and where."""
+
+    log_interval: int = 10
+    """Log (console, metrics.jsonl, W&B) every N steps; the only steps that wait for the device."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar on rank 0 when stderr is a terminal."""
+    peak_tflops: float = 0.0
+    """Per-device peak TFLOP/s for MFU; 0 = known GPUs' bf16 peak (H100/H200: 989), 1.0 on CPU."""
+    wandb: bool = False
+    """Log to Weights & Biases."""
+    wandb_project: str = "fms-bamba"
+    """W&B project."""
+    wandb_entity: str = ""
+    """W&B entity (team); empty = the user's default."""
+    wandb_mode: str = "offline"
+    """online | offline (offline runs need no network; `wandb sync` uploads them later)."""
+
+
+@dataclass
+class JobConfig:
+    """Everything one training run needs; `fms-bamba train` with no arguments runs its defaults."""
+
+    job: JobSection = field(default_factory=JobSection)
+    """Run directory, seed, description."""
+    model: ModelSection = field(default_factory=ModelSection)
+    """Model preset and overrides."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data sources and mixture (an empty `datasets` list means the built-in Python-stdlib corpus)."""
+    training: TrainingSection = field(default_factory=TrainingSection)
+    """Batch, steps, clipping, dtype."""
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    """AdamW."""
+    lr_scheduler: LRSchedulerSection = field(default_factory=LRSchedulerSection)
+    """Learning-rate schedule."""
+    parallelism: ParallelismSection = field(default_factory=ParallelismSection)
+    """FSDP2/HSDP, activation checkpointing, compile."""
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(interval=100))
+    """Saving, resuming and continued training (the default run saves every 100 steps)."""
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    """Logging."""
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+def load_job_config(path: str | os.PathLike | None = None,
+                    overrides: Mapping[str, Any] | Sequence[str] = ()) -> JobConfig:
+    """Read a YAML job config (None = the defaults) and apply ``section.field`` overrides.
+
+    `overrides` is a mapping ``{"training.steps": 10}`` or strings ``"training.steps=10"``
+    (values parsed as YAML). Every key must exist; values are converted to the field's type."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for key, value in _override_items(overrides):
+        _set_dotted(raw, key, value)
+    where = f" (in {path})" if path is not None else ""
+    return _build(JobConfig, raw, prefix="", where=where)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of builtin types (YAML/JSON-ready) from a config dataclass."""
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        return value
+    return plain(cfg)
+
+
+def save_job_config(cfg: JobConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML that `load_job_config` reads back to an equal config."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _override_items(overrides: Mapping[str, Any] | Sequence[str]):
+    if isinstance(overrides, Mapping):
+        yield from overrides.items()
+        return
+    for item in overrides:
+        key, sep, text = item.lstrip("-").partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        yield key, yaml.safe_load(text)
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.replace("-", "_").split(".")
+    if len(parts) < 2:
+        raise ConfigError(f"override key {key!r} must name section.field, e.g. training.steps")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, *, prefix: str, where: str):
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping{where}, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {prefix}{key}{where}{hint}")
+    values = {name: _coerce(raw[name], hints[name], f"{prefix}{name}", where)
+              for name in fields if name in raw}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}{where}: {err}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Convert `value` (from YAML or the command line) to the annotated type, or say why not."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.", where=where)
+    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}{where} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or hint is tuple else items
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint is Path or (isinstance(hint, type) and issubclass(hint, os.PathLike)):
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value)
+    else:
+        raise ConfigError(f"{key}{where}: fields of type {hint} cannot be set from a config")
+    raise ConfigError(f"{key}{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")

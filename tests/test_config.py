@@ -1,0 +1,92 @@
+"""The job config: every YAML in configs/ loads, overrides convert, bad input names the problem."""
+
+from pathlib import Path
+
+import pytest
+
+from fms_bamba.config import ConfigError, JobConfig, load_job_config, save_job_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {path.name for path in CONFIGS}
+    assert {"tiny.yaml", "bamba-1b.yaml", "bamba-9b-stage1.yaml", "bamba-9b-stage2-anneal.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads(path):
+    cfg = load_job_config(path)
+    assert isinstance(cfg, JobConfig)
+
+
+def test_tiny_yaml_is_the_default():
+    assert load_job_config(Path(__file__).parent.parent / "configs" / "tiny.yaml") == JobConfig()
+
+
+def test_stage_configs_follow_the_recipe():
+    stage1 = load_job_config(Path(__file__).parent.parent / "configs" / "bamba-9b-stage1.yaml")
+    assert len(stage1.data.datasets) == 19 and sum(stage1.data.weights) == 10000
+    assert stage1.data.weights[stage1.data.datasets.index("cc_en_middle")] == 1835
+    tokens_per_step = stage1.training.global_batch_sequences * stage1.training.seq_len
+    assert tokens_per_step == 1_572_864
+    assert 2e12 <= stage1.training.steps * tokens_per_step < 2e12 + tokens_per_step
+    assert (stage1.optimizer.lr, stage1.optimizer.beta1, stage1.optimizer.beta2) == (3e-4, 0.9, 0.95)
+    assert (stage1.optimizer.weight_decay, stage1.training.max_grad_norm) == (0.1, 1.0)
+    assert (stage1.lr_scheduler.warmup_steps, stage1.lr_scheduler.decay, stage1.lr_scheduler.min_lr) == (2000, "cosine", 1e-5)
+
+    stage2 = load_job_config(Path(__file__).parent.parent / "configs" / "bamba-9b-stage2-anneal.yaml")
+    assert stage2.checkpoint.init_from == stage1.job.run_dir
+    assert stage2.checkpoint.init_load == "model+optimizer" and not stage2.checkpoint.init_keep_step
+    assert dict(zip(stage2.data.datasets, stage2.data.weights)) == {"cosmopedia-v2": 60, "fineweb-edu-dedup": 40}
+    assert stage2.optimizer.lr == 2e-5 and stage2.lr_scheduler.decay == "cosine"
+    tokens = stage2.training.steps * stage2.training.global_batch_sequences * stage2.training.seq_len
+    assert 200e9 <= tokens < 200e9 + tokens_per_step
+
+
+def test_overrides_convert_to_field_types():
+    cfg = load_job_config(None, {"training.steps": "12", "optimizer.lr": "3e-4", "model.doc_masking": "true",
+                                 "data.datasets": ("a", "b"), "data.weights": "1,3", "job.run_dir": 7,
+                                 "model.vocab_size": "null", "training.debug_nan_at_steps": [2, 3]})
+    assert cfg.training.steps == 12 and cfg.optimizer.lr == 3e-4 and cfg.model.doc_masking is True
+    assert cfg.data.datasets == ["a", "b"] and cfg.data.weights == [1.0, 3.0] and cfg.job.run_dir == "7"
+    assert cfg.training.debug_nan_at_steps == [2, 3]
+    from_strings = load_job_config(None, ["--training.steps=12", "optimizer.lr=3.0e-4", "model.vocab_size=null"])
+    assert from_strings.training.steps == 12 and from_strings.optimizer.lr == 3e-4
+    assert from_strings.model.vocab_size is None
+
+
+def test_overrides_apply_on_top_of_the_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("training:\n  steps: 5\n  seq_len: 64\n")
+    cfg = load_job_config(path, {"training.steps": 9})
+    assert (cfg.training.steps, cfg.training.seq_len) == (9, 64)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_job_config(Path(__file__).parent.parent / "configs" / "bamba-9b-stage1.yaml", {"training.steps": 3})
+    save_job_config(cfg, tmp_path / "config.yaml")
+    assert load_job_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("training:\n  stepz: 5\n", {}, r"unknown config key training\.stepz \(in .*job\.yaml\); did you mean training\.steps"),
+    ("trainer:\n  steps: 5\n", {}, r"unknown config key trainer"),
+    ("", {"training.nope": 1}, r"unknown config key training\.nope"),
+    ("", {"steps": 1}, r"must name section\.field"),
+    ("training:\n  steps: many\n", {}, r"training\.steps .* must be int, got 'many'"),
+    ("training: 5\n", {}, r"training must be a mapping"),
+    ("[1, 2]\n", {}, r"must hold a mapping of sections"),
+    ("training:\n  steps: [5\n", {}, r"is not valid YAML"),
+    ("checkpoint:\n  interval: 0\n", {}, r"checkpoint\.interval must be >= 1"),
+])
+def test_bad_config_names_the_problem(tmp_path, text, overrides, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_job_config(path, overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml does not exist"):
+        load_job_config(tmp_path / "nope.yaml")
