@@ -1,0 +1,646 @@
+"""Checkpoints: sharded torch.distributed.checkpoint (DCP) save with an atomic commit, automatic
+resume, continued training from another run, and offline readers/writers for the tools.
+
+On disk (docs/architecture.md, "Checkpoint on disk"):
+
+    RUN_DIR/checkpoints/step-00000100.tmp/   while ranks write (never chosen by a load)
+    RUN_DIR/checkpoints/step-00000100/       after the commit: .metadata, *.distcp, meta.json
+
+Tensor state (keys "model.<fqn>", "optimizer.<flattened>", "rng.rank<r>.<source>") goes through DCP;
+the JSON states (LR scheduler, data loader, trainer counters) and the size of every DCP file go
+into meta.json, which rank 0 writes last. A directory whose meta.json is missing or whose files do
+not have the recorded sizes is incomplete and never loaded.
+
+DCP's `.metadata` file is a pickle: it is only ever read through `_SafeUnpickler`, which accepts
+DCP's own metadata classes and nothing else, and DCP's byte items are read with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import time
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "meta.json"
+DCP_METADATA_FILE = ".metadata"
+TMP_SUFFIX = ".tmp"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+# What `init_load` takes from `init_from`; "data" is the data loader's position.
+INIT_LOAD_PARTS = {
+    "model": ("model",),
+    "model+optimizer": ("model", "optimizer"),
+    "model+optimizer+data": ("model", "optimizer", "data"),
+}
+ASYNC_MODES = ("disabled", "async")
+
+
+@dataclass
+class CheckpointConfig:
+    """The `checkpoint:` section of the job config."""
+
+    enable: bool = True
+    """Save checkpoints (resume and init_from work either way)."""
+    interval: int = 500
+    """Save every this many steps; also at the end of the run and on preemption."""
+    keep_last: int = 3
+    """Committed checkpoints to keep (older ones are deleted); 0 keeps all."""
+    async_mode: str = "disabled"
+    """"disabled": training waits for the write; "async": the write overlaps training."""
+    init_from: str = ""
+    """When the run dir has no checkpoint: a checkpoint dir, or a run dir whose latest complete
+    checkpoint is used, to start from."""
+    init_load: str = "model"
+    """What init_from supplies: "model" | "model+optimizer" | "model+optimizer+data"."""
+    init_keep_step: bool = False
+    """Keep init_from's step counter and LR-schedule position (else start at step 0)."""
+    folder: str = "checkpoints"
+    """Sub-directory of the run dir holding the checkpoints."""
+
+    def __post_init__(self) -> None:
+        _validate_config(self)
+
+
+def _validate_config(cfg: CheckpointConfig) -> None:
+    if cfg.interval < 1:
+        raise ValueError(f"checkpoint.interval must be >= 1, got {cfg.interval}")
+    if cfg.keep_last < 0:
+        raise ValueError(f"checkpoint.keep_last must be >= 0 (0 keeps all), got {cfg.keep_last}")
+    if cfg.async_mode not in ASYNC_MODES:
+        raise ValueError(f"checkpoint.async_mode must be one of {ASYNC_MODES}, got {cfg.async_mode!r}")
+    if cfg.init_load not in INIT_LOAD_PARTS:
+        raise ValueError(
+            f"checkpoint.init_load must be one of {tuple(INIT_LOAD_PARTS)}, got {cfg.init_load!r}"
+        )
+    if not cfg.folder or Path(cfg.folder).is_absolute() or ".." in Path(cfg.folder).parts:
+        raise ValueError(f"checkpoint.folder must be a relative path inside the run dir, got {cfg.folder!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Safe reading of DCP metadata
+# --------------------------------------------------------------------------------------------
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint's `.metadata` pickle references something other than DCP's metadata types."""
+
+
+_SAFE_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+} | {("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, source: Path):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{self.source}: refusing to unpickle {module}.{name}; a DCP metadata file only holds "
+            "torch.distributed.checkpoint metadata types"
+        )
+
+
+def read_dcp_metadata(ckpt_dir: str | os.PathLike) -> Metadata:
+    """DCP's `.metadata` of a checkpoint, unpickled with only DCP's metadata types allowed."""
+    path = Path(ckpt_dir) / DCP_METADATA_FILE
+    with open(path, "rb") as f:
+        metadata = _SafeUnpickler(f, path).load()
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with the restricted metadata unpickler (and the metadata read once)."""
+
+    def __init__(self, path: str | os.PathLike, metadata: Metadata | None = None):
+        super().__init__(path)
+        self._metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._metadata is None:
+            self._metadata = read_dcp_metadata(self.path)
+        return self._metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, but byte items (optimizer hyper-parameters) load with weights_only.
+
+    Our state dicts are flat ("model.<fqn>", ...) and hold no ShardedTensor, so DCP's flattening
+    is off and byte items land directly in the dict that was passed to `dcp.load`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+
+def _dcp_load(state: dict, ckpt_dir: Path, metadata: Metadata, *, distributed: bool) -> None:
+    """Fill `state` in place from `ckpt_dir`, with the safe reader and planner."""
+    with warnings.catch_warnings():  # single-process use is intended; DCP warns about it anyway
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, storage_reader=_SafeReader(ckpt_dir, metadata), planner=_SafeLoadPlanner(),
+                 no_dist=not distributed)
+
+
+def _dcp_save(state: dict, ckpt_dir: Path, *, distributed: bool) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=ckpt_dir, no_dist=not distributed)
+
+
+# --------------------------------------------------------------------------------------------
+# Offline helpers (no process group needed)
+# --------------------------------------------------------------------------------------------
+
+
+class CheckpointInfo(NamedTuple):
+    step: int
+    path: Path
+    complete: bool
+    reason: str
+    """Why the checkpoint is incomplete ("" when complete)."""
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _checkpoints_folder(path: Path) -> Path:
+    """A run dir's checkpoints folder, or `path` itself when it is one."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def read_meta(ckpt_dir: str | os.PathLike) -> dict:
+    """The checkpoint's meta.json (step, tokens_seen, world_size, JSON states, file sizes)."""
+    path = Path(ckpt_dir) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no meta.json; not a committed checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("files"), dict):
+        raise ValueError(f"{path}: needs an integer 'step' and a 'files' table")
+    return meta
+
+
+def _incomplete_reason(ckpt_dir: Path) -> str:
+    """Why `ckpt_dir` is not a complete checkpoint, or "" when it is."""
+    if ckpt_dir.name.endswith(TMP_SUFFIX):
+        return "never committed (still named .tmp)"
+    try:
+        meta = read_meta(ckpt_dir)
+    except (OSError, ValueError) as e:
+        return str(e)
+    if DCP_METADATA_FILE not in meta["files"]:
+        return f"{ckpt_dir / META_FILE}: records no {DCP_METADATA_FILE}"
+    for name, size in meta["files"].items():
+        file = ckpt_dir / name
+        if not file.is_file():
+            return f"{file}: missing"
+        if file.stat().st_size != size:
+            return f"{file}: {file.stat().st_size} bytes, meta.json records {size}"
+    return ""
+
+
+def list_checkpoints(path: str | os.PathLike) -> list[CheckpointInfo]:
+    """Every checkpoint directory (committed or .tmp) of a run dir or checkpoints folder, by step."""
+    folder = _checkpoints_folder(Path(path))
+    found = []
+    for child in folder.iterdir() if folder.is_dir() else ():
+        match = _STEP_DIR.match(child.name.removesuffix(TMP_SUFFIX))
+        if child.is_dir() and match:
+            reason = _incomplete_reason(child)
+            found.append(CheckpointInfo(int(match.group(1)), child, not reason, reason))
+    return sorted(found, key=lambda c: (c.step, c.path.name))
+
+
+def latest_complete_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run dir / checkpoints folder; warns about newer broken ones."""
+    for info in reversed(list_checkpoints(path)):
+        if info.complete:
+            return info.path
+        if not info.path.name.endswith(TMP_SUFFIX):
+            logger.warning("skipping incomplete checkpoint %s: %s", info.path, info.reason)
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint dir from a checkpoint dir, a run dir or a checkpoints folder; errors if none is complete."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+    if (path / META_FILE).exists():
+        reason = _incomplete_reason(path)
+        if reason:
+            raise ValueError(f"{path}: incomplete checkpoint: {reason}")
+        return path
+    latest = latest_complete_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: holds no complete checkpoint")
+    return latest
+
+
+def list_tensors(ckpt_dir: str | os.PathLike, prefix: str = "model.") -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Shape and dtype of every full (unsharded) tensor whose key starts with `prefix`."""
+    metadata = read_dcp_metadata(ckpt_dir)
+    return {
+        key: (entry.size, entry.properties.dtype)
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+
+
+def iter_tensors(
+    ckpt_dir: str | os.PathLike, prefix: str = "model.", keys: list[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, full tensor) one key at a time, so at most one tensor is held beyond the caller's."""
+    ckpt_dir = Path(ckpt_dir)
+    metadata = read_dcp_metadata(ckpt_dir)
+    specs = {
+        key: entry for key, entry in metadata.state_dict_metadata.items()
+        if isinstance(entry, TensorStorageMetadata)
+    }
+    for key in keys if keys is not None else [k for k in specs if k.startswith(prefix)]:
+        if key not in specs:
+            raise KeyError(f"{ckpt_dir}: no tensor {key!r}")
+        tensor = torch.empty(specs[key].size, dtype=specs[key].properties.dtype)
+        _dcp_load({key: tensor}, ckpt_dir, metadata, distributed=False)
+        yield key, tensor
+
+
+def load_tensors(ckpt_dir: str | os.PathLike, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """Every full tensor whose key starts with `prefix` (keys keep the prefix)."""
+    return dict(iter_tensors(ckpt_dir, prefix))
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file() and f.name != META_FILE}
+
+
+def _commit(tmp_dir: Path, final_dir: Path, meta: dict) -> None:
+    """Record the file sizes in meta.json (written last, fsynced), then rename .tmp -> final."""
+    meta = {**meta, "files": _file_sizes(tmp_dir)}
+    with open(tmp_dir / META_FILE, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if final_dir.exists():  # an uncommitted-looking leftover of an earlier attempt at this step
+        shutil.rmtree(final_dir)
+    os.replace(tmp_dir, final_dir)
+    logger.info("committed checkpoint %s", final_dir)
+
+
+def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write a committed checkpoint from plain tensors (keys as in a checkpoint, e.g. "model.<fqn>").
+
+    `meta` goes into meta.json (`step` defaults to 0, `world_size` to 1); a checkpoint with only
+    "model." keys can be resumed or used with init_load=model.
+    """
+    out_dir = Path(out_dir)
+    bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(f"write_checkpoint({out_dir}): values must be tensors; not for {bad[:5]}")
+    tmp_dir = out_dir.with_name(out_dir.name + TMP_SUFFIX)
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir(parents=True)
+    _dcp_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp_dir, distributed=False)
+    _commit(tmp_dir, out_dir, {"step": 0, "tokens_seen": 0, "world_size": 1, **meta})
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state as tensors (JSON bytes for Python's and numpy's generators: no pickling)
+# --------------------------------------------------------------------------------------------
+
+
+def _json_tensor(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+
+
+def _from_json_tensor(t: torch.Tensor) -> Any:
+    return json.loads(bytes(t.tolist()).decode())
+
+
+def _rng_state(rank: int) -> dict[str, torch.Tensor]:
+    version, internal, gauss_next = random.getstate()
+    algorithm, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": _json_tensor([version, list(internal), gauss_next]),
+        "numpy": _json_tensor([algorithm, keys.tolist(), pos, has_gauss, cached]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return {f"rng.rank{rank}.{source}": t for source, t in state.items()}
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore generators from `_rng_state`'s tensors, keyed by source ("torch", "python", ...)."""
+    for source, t in state.items():
+        if source == "torch":
+            torch.set_rng_state(t)
+        elif source == "cuda" and torch.cuda.is_available():
+            torch.cuda.set_rng_state(t)
+        elif source == "python":
+            version, internal, gauss_next = _from_json_tensor(t)
+            random.setstate((version, tuple(internal), gauss_next))
+        elif source == "numpy":
+            algorithm, keys, pos, has_gauss, cached = _from_json_tensor(t)
+            np.random.set_state((algorithm, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer's manager
+# --------------------------------------------------------------------------------------------
+
+
+def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of `state` under `prefix`, with the prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _json_state(name: str, obj: Any) -> Any:
+    state = obj.state_dict()
+    try:
+        json.dumps(state)
+    except TypeError as e:
+        raise TypeError(f"checkpoint: {name}.state_dict() must be JSON-serialisable ({e})") from None
+    return state
+
+
+class CheckpointManager:
+    """Saves, commits, prunes and loads the run's checkpoints. All ranks call every method."""
+
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        run_dir: str | os.PathLike,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        data_loader: Any,
+        trainer_state: Any,
+        job_config: Any = None,
+    ):
+        _validate_config(cfg)
+        if cfg.init_from and not Path(cfg.init_from).exists():
+            raise FileNotFoundError(f"checkpoint.init_from: {cfg.init_from} does not exist")
+        self.cfg = cfg
+        self.folder = Path(run_dir) / cfg.folder
+        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
+        self.data_loader, self.trainer_state = data_loader, trainer_state
+        self.job_config = dataclasses.asdict(job_config) if dataclasses.is_dataclass(job_config) else job_config
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        # A CPU group for barriers and async saves, so neither syncs the GPU stream (as torchtitan).
+        self.cpu_group = dist.new_group(backend="gloo") if self.distributed else None
+        self.pending: tuple[Future, Path, Path, dict] | None = None  # (write, tmp dir, final dir, meta)
+        self.last_saved_step = -1
+
+    # ---- save -------------------------------------------------------------------------------
+
+    def save(self, step: int, *, force: bool = False) -> None:
+        """Save when `step % interval == 0` or `force`; collective."""
+        if not self.cfg.enable:
+            return
+        self._commit_pending(wait=False)
+        if not (force or step % self.cfg.interval == 0) or step == self.last_saved_step:
+            return
+        self._commit_pending(wait=True)  # one write in flight at a time
+        tmp_dir = self.folder / (checkpoint_dir_name(step) + TMP_SUFFIX)
+        final_dir = self.folder / checkpoint_dir_name(step)
+        meta = self._meta(step)
+        state = self._tensor_state()
+        if self.rank == 0:
+            if tmp_dir.exists():  # left by a run killed while writing this step
+                shutil.rmtree(tmp_dir)
+            tmp_dir.mkdir(parents=True)
+        self._barrier()
+        start = time.perf_counter()
+        if self.cfg.async_mode == "async":
+            future = dcp.async_save(state, checkpoint_id=tmp_dir, process_group=self.cpu_group,
+                                    no_dist=not self.distributed)
+            self.pending = (future, tmp_dir, final_dir, meta)
+            logger.info("checkpoint step %d: training blocked %.2fs by the async save",
+                        step, time.perf_counter() - start)
+        else:
+            _dcp_save(state, tmp_dir, distributed=self.distributed)
+            # DCP's final gather already follows every rank's write; the barrier makes it explicit.
+            self._barrier()
+            if self.rank == 0:
+                _commit(tmp_dir, final_dir, meta)
+                self._prune()
+            logger.info("checkpoint step %d: saved in %.2fs", step, time.perf_counter() - start)
+        self.last_saved_step = step
+
+    def close(self) -> None:
+        """Wait for an async save in flight and commit it; collective."""
+        self._commit_pending(wait=True)
+
+    def _commit_pending(self, *, wait: bool) -> None:
+        """Commit the async save once its write is done; with `wait`, block until it is."""
+        if self.pending is None:
+            return
+        future, tmp_dir, final_dir, meta = self.pending
+        if not wait and not future.done():
+            return
+        future.result()  # raises the write's error, if any
+        self.pending = None
+        # Rank 0's future completes after DCP's final gather, i.e. after every rank wrote.
+        if self.rank == 0:
+            _commit(tmp_dir, final_dir, meta)
+            self._prune()
+
+    def _meta(self, step: int) -> dict:
+        trainer_state = _json_state("trainer_state", self.trainer_state)
+        return {
+            "step": step,
+            "tokens_seen": trainer_state.get("tokens_seen"),
+            "world_size": self.world_size,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "trainer_state": trainer_state,
+            "lr_scheduler": _json_state("lr_scheduler", self.lr_scheduler),
+            "data_loader": _json_state("data_loader", self.data_loader),
+            "config": self.job_config,
+        }
+
+    def _tensor_state(self) -> dict[str, torch.Tensor]:
+        state = {f"model.{k}": v for k, v in get_model_state_dict(self.model).items()}
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
+        state.update({f"optimizer.{k}": v for k, v in optim.items()})
+        state.update(_rng_state(self.rank))
+        return state
+
+    def _prune(self) -> None:
+        if self.cfg.keep_last == 0:
+            return
+        checkpoints = [c for c in list_checkpoints(self.folder) if not c.path.name.endswith(TMP_SUFFIX)]
+        complete = [c for c in checkpoints if c.complete]
+        if len(complete) <= self.cfg.keep_last:
+            return
+        oldest_kept = complete[-self.cfg.keep_last].step
+        for c in checkpoints:
+            if c.step < oldest_kept:
+                shutil.rmtree(c.path, ignore_errors=True)
+                logger.info("deleted old checkpoint %s", c.path)
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.cpu_group)
+
+    # ---- load -------------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        """Resume from the run's latest complete checkpoint, else start from init_from; collective.
+
+        Returns False when nothing was loaded (a fresh run).
+        """
+        choice = [None]
+        if self.rank == 0:
+            for stale in self.folder.glob(f"step-*{TMP_SUFFIX}"):
+                logger.warning("removing uncommitted checkpoint %s", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            latest = latest_complete_checkpoint(self.folder)
+            if latest is not None:
+                choice = [(str(latest), True)]
+            elif self.cfg.init_from:
+                choice = [(str(resolve_checkpoint(self.cfg.init_from)), False)]
+        if self.distributed:  # every rank loads what rank 0 found
+            dist.broadcast_object_list(choice, src=0, group=self.cpu_group)
+        if choice[0] is None:
+            return False
+        path, resume = choice[0]
+        if resume:
+            logger.info("resuming from %s", path)
+            self._load(Path(path), parts=("model", "optimizer", "data"), keep_step=True, resume=True)
+        else:
+            logger.info("initialising from %s (%s, %s step)", path, self.cfg.init_load,
+                        "keeping its" if self.cfg.init_keep_step else "resetting the")
+            self._load(Path(path), parts=INIT_LOAD_PARTS[self.cfg.init_load],
+                       keep_step=self.cfg.init_keep_step, resume=False)
+        return True
+
+    def _load(self, ckpt: Path, *, parts: tuple[str, ...], keep_step: bool, resume: bool) -> None:
+        """Load `parts` of `ckpt`, and its step/schedule if `keep_step`.
+
+        On resume a part the checkpoint lacks (e.g. one written by `bamba-ckpt import-hf`) starts
+        fresh with a warning; from init_from it is an error. RNG states come back only when the
+        run continues exactly (resume, or everything from init_from with its step kept).
+        """
+        metadata = read_dcp_metadata(ckpt)
+        meta = read_meta(ckpt)
+        saved = metadata.state_dict_metadata
+
+        def absent(what: str, field: str) -> None:
+            if not resume:
+                raise ValueError(f"{ckpt}: checkpoint.{field} needs {what}, which the checkpoint lacks")
+            logger.warning("%s has no %s; it starts fresh", ckpt, what)
+
+        model_state = get_model_state_dict(self.model)
+        unsaved = [k for k in model_state if f"model.{k}" not in saved]
+        if unsaved:
+            raise ValueError(f"{ckpt}: no tensors for model parameters {unsaved[:5]} ({len(unsaved)} missing)")
+        state = {f"model.{k}": v for k, v in model_state.items()}
+        load_optimizer = "optimizer" in parts and any(k.startswith("optimizer.") for k in saved)
+        if "optimizer" in parts and not load_optimizer:
+            absent("optimizer state", "init_load")
+        if load_optimizer:
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
+            state.update({f"optimizer.{k}": v for k, v in optim_state.items()})
+        load_rng = resume or (keep_step and parts == INIT_LOAD_PARTS["model+optimizer+data"])
+        if load_rng:
+            state.update({k: torch.empty(saved[k].size, dtype=saved[k].properties.dtype)
+                          for k in saved if k.startswith(f"rng.rank{self.rank}.")})
+
+        _dcp_load(state, ckpt, metadata, distributed=self.distributed)
+
+        set_model_state_dict(self.model, _strip(state, "model."))
+        if load_optimizer:
+            # A fresh schedule takes every hyper-parameter (lr first) from this run's config; only
+            # the moments and their step counts come from the checkpoint.
+            fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            set_optimizer_state_dict(self.model, self.optimizer, _strip(state, "optimizer."), options=_OPTIM_OPTIONS)
+            if not keep_step:
+                for group, fresh in zip(self.optimizer.param_groups, fresh_groups):
+                    group.update(fresh)
+        if keep_step:
+            for name in ("trainer_state", "lr_scheduler"):
+                if name not in meta:
+                    absent(f"{name} in meta.json", "init_keep_step")
+            if "trainer_state" in meta:
+                own_run = {} if resume else {k: v for k, v in self.trainer_state.state_dict().items()
+                                             if k == "wandb_run_id"}  # another run's W&B id is not ours
+                self.trainer_state.load_state_dict({**meta["trainer_state"], **own_run})
+            if "lr_scheduler" in meta:
+                self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+                if not load_optimizer:  # the fresh optimizer's lr is the schedule's at step 0
+                    self._sync_lr_to_schedule()
+        if "data" in parts:
+            if "data_loader" in meta:
+                self.data_loader.load_state_dict(meta["data_loader"])
+            else:
+                absent("data loader state in meta.json", "init_load")
+        if load_rng:
+            _set_rng_state(_strip(state, f"rng.rank{self.rank}."))
+        if meta.get("world_size", self.world_size) != self.world_size:
+            logger.info("%s was saved by %s ranks, loaded on %d: model and optimizer resharded",
+                        ckpt, meta["world_size"], self.world_size)
+
+    def _sync_lr_to_schedule(self) -> None:
+        """Set the optimizer's lr to the (kept) schedule's, e.g. when only the model was loaded."""
+        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = lr

@@ -1,0 +1,353 @@
+"""Checkpoint unit tests: a small FSDP2-wrapped model on 2 gloo ranks (this file is also the
+torchrun worker), plus single-process tests of the offline readers, the restricted unpickler and
+continued training."""
+
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fms_bamba.checkpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    UnsafeCheckpointError,
+    iter_tensors,
+    latest_complete_checkpoint,
+    list_checkpoints,
+    list_tensors,
+    load_tensors,
+    read_dcp_metadata,
+    read_meta,
+    write_checkpoint,
+)
+
+
+@dataclass
+class Counters:
+    """Stands in for the trainer's counters: any object with a JSON state_dict."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    wandb_run_id: str = "run-a"
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+@dataclass
+class Position:
+    """Stands in for the data loader's state: documents consumed by the whole job."""
+
+    consumed: int = 0
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = state["consumed"]
+
+
+def build(lr: float = 1e-2, warmup: int = 4, seed: int = 0, fsdp: bool = False):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))  # 5 rows: uneven shards
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    return model, optimizer, scheduler, Position(), Counters()
+
+
+def train_step(model, optimizer, scheduler, data, counters, rank: int = 0) -> float:
+    torch.manual_seed(1000 + counters.step * 10 + rank)  # same batch whatever came before
+    x = torch.randn(4, 16)
+    loss = model(x).square().mean() + 1e-3 * torch.rand(()).item()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+    counters.step += 1
+    counters.tokens_seen += 64
+    data.consumed += 8
+    return loss.item()
+
+
+def manager(run_dir, parts, **cfg) -> CheckpointManager:
+    model, optimizer, scheduler, data, counters = parts
+    return CheckpointManager(CheckpointConfig(**cfg), run_dir, model=model, optimizer=optimizer,
+                             lr_scheduler=scheduler, data_loader=data, trainer_state=counters)
+
+
+def full_state(model, optimizer) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model and optimizer tensors, comparable across world sizes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False, flatten_optimizer_state_dict=True)
+    state = {f"model.{k}": v for k, v in get_model_state_dict(model, options=options).items()}
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    state.update({f"optimizer.{k}": v for k, v in optim.items() if isinstance(v, torch.Tensor)})
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+# --------------------------------------------------------------------------------------------
+# The torchrun worker (2 gloo ranks): run with `python -m torch.distributed.run ... this_file run_dir`
+# --------------------------------------------------------------------------------------------
+
+
+def worker(run_dir: Path) -> None:
+    import torch.distributed as dist
+
+    from fms_bamba.preemption import PreemptionHandler
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    run_dir.mkdir(exist_ok=True)
+
+    # 1. Save every 2 steps, keep 2; remember the state at each checkpoint.
+    parts = build(fsdp=True)
+    ckpt = manager(run_dir, parts, interval=2, keep_last=2)
+    assert not ckpt.load()
+    snapshots = {}
+    for _ in range(8):
+        train_step(*parts, rank=rank)
+        step = parts[4].step
+        ckpt.save(step)
+        if step % 2 == 0:  # the draw right after a save is what a resume from it draws
+            snapshots[step] = (full_state(*parts[:2]), torch.rand(3))
+    ckpt.close()
+    if rank == 0:
+        kept = [c.path.name for c in list_checkpoints(run_dir)]
+        assert kept == ["step-00000006", "step-00000008"], kept
+        torch.save(snapshots[6][0], run_dir / "full_step6.pt")
+
+    # 2. A fresh model resumes from step 8 exactly: weights, moments, schedule, counters, data, RNG.
+    fresh = build(seed=1, fsdp=True)
+    assert manager(run_dir, fresh, interval=2).load()
+    assert_same(full_state(*fresh[:2]), snapshots[8][0])
+    assert fresh[4].step == 8 and fresh[4].tokens_seen == 8 * 64 and fresh[3].consumed == 64
+    assert fresh[2].last_epoch == parts[2].last_epoch
+    assert fresh[1].param_groups[0]["lr"] == parts[1].param_groups[0]["lr"]
+    assert torch.equal(torch.rand(3), snapshots[8][1])
+    assert train_step(*fresh, rank=rank) == train_step(*parts, rank=rank)
+
+    # 3. A truncated shard makes the newest checkpoint incomplete: resume falls back to step 6.
+    dist.barrier()
+    if rank == 0:
+        shard = run_dir / "checkpoints" / "step-00000008" / "__1_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:100])
+    dist.barrier()
+    fallback = build(seed=2, fsdp=True)
+    assert manager(run_dir, fallback).load()
+    assert fallback[4].step == 6
+    assert_same(full_state(*fallback[:2]), snapshots[6][0])
+
+    # 4. Async: the write overlaps training and the checkpoint holds the weights at save time.
+    async_parts = build(seed=3, fsdp=True)
+    async_ckpt = manager(run_dir / "async", async_parts, interval=1, async_mode="async")
+    train_step(*async_parts, rank=rank)
+    before = full_state(*async_parts[:2])
+    async_ckpt.save(1)
+    train_step(*async_parts, rank=rank)  # changes the weights while the write may be in flight
+    async_ckpt.save(2)  # waits for the first write, commits it, starts the second
+    async_ckpt.close()
+    if rank == 0:
+        assert [c.step for c in list_checkpoints(run_dir / "async") if c.complete] == [1, 2]
+        saved = load_tensors(run_dir / "async" / "checkpoints" / "step-00000001", prefix="")
+        assert_same({k: saved[k] for k in before}, before)
+
+    # 5. A signal on one rank stops both at the same step boundary.
+    preemption = PreemptionHandler()
+    assert not preemption.stop_requested()
+    if rank == 1:
+        os.kill(os.getpid(), 15)
+    assert preemption.stop_requested()
+    preemption.close()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         __file__, str(run_dir)],
+        capture_output=True, text=True, timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "skipping incomplete checkpoint" in result.stderr and "step-00000008" in result.stderr
+    return run_dir
+
+
+@pytest.mark.slow
+def test_fsdp_save_resume_fallback_async_preemption(two_rank_run):
+    """The worker's own assertions: resume is exact, a truncated checkpoint is skipped with a
+    warning, keep_last prunes, async saves snapshot the weights, a signal stops every rank."""
+    assert (two_rank_run / "full_step6.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Offline readers and continued training, in this process (no process group)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_offline_reader_gives_full_tensors_of_sharded_checkpoint(two_rank_run):
+    ckpt = two_rank_run / "checkpoints" / "step-00000006"
+    meta = read_meta(ckpt)
+    assert meta["step"] == 6 and meta["world_size"] == 2 and meta["trainer_state"]["tokens_seen"] == 6 * 64
+    full = torch.load(two_rank_run / "full_step6.pt", weights_only=True)
+    assert list_tensors(ckpt)["model.2.weight"] == (torch.Size([5, 16]), torch.float32)
+    assert_same(load_tensors(ckpt), {k: v for k, v in full.items() if k.startswith("model.")})
+    newest = list_checkpoints(two_rank_run)[-1]  # the one whose shard the worker truncated
+    assert newest.step == 8 and not newest.complete and "__1_0.distcp" in newest.reason
+    assert latest_complete_checkpoint(two_rank_run) == ckpt
+
+
+@pytest.mark.slow
+def test_stage2_load_resharded_to_one_process(two_rank_run):
+    """model+optimizer from a 2-rank run into 1 process, fresh data and schedule: the lr is the new
+    schedule's at step 0, the moments are the checkpoint's, the counters start at 0."""
+    parts = build(lr=2e-5, warmup=10, seed=5)
+    expected_lr = 2e-5 * 1 / 10
+    assert parts[1].param_groups[0]["lr"] == pytest.approx(expected_lr)
+    ckpt = manager(two_rank_run / "stage2", parts, init_from=str(two_rank_run), init_load="model+optimizer")
+    assert ckpt.load()
+    state = full_state(*parts[:2])
+    source = two_rank_run / "checkpoints" / "step-00000006"
+    assert_same({k: state[k] for k in state}, {k: t for k, t in iter_tensors(source, "", keys=list(state))})
+    assert parts[1].param_groups[0]["lr"] == pytest.approx(expected_lr)
+    assert parts[1].param_groups[0]["weight_decay"] == 0.1
+    assert parts[4].step == 0 and parts[3].consumed == 0 and parts[2].last_epoch == 0
+    train_step(*parts)
+    assert parts[1].param_groups[0]["lr"] == pytest.approx(2e-5 * 2 / 10)
+
+
+def test_init_keep_step_from_model_only_checkpoint_follows_schedule(tmp_path):
+    source = build(seed=7)
+    for _ in range(3):
+        train_step(*source)
+    tensors = {f"model.{k}": v for k, v in source[0].state_dict().items()}
+    write_checkpoint(tmp_path / "imported" / "step-00000003", tensors, {
+        "step": 3, "trainer_state": source[4].state_dict(), "lr_scheduler": source[2].state_dict()})
+    parts = build(seed=8)
+    parts[4].wandb_run_id = "run-b"
+    ckpt = manager(tmp_path / "run", parts, init_from=str(tmp_path / "imported"), init_keep_step=True)
+    assert ckpt.load()
+    assert parts[4].step == 3 and parts[4].wandb_run_id == "run-b"
+    assert parts[1].param_groups[0]["lr"] == source[1].param_groups[0]["lr"]  # 4th warmup step
+    assert_same(parts[0].state_dict(), source[0].state_dict())
+    assert not parts[1].state  # the optimizer was not in init_load
+
+
+def test_resume_of_imported_model_only_checkpoint_warns_and_keeps_fresh_optimizer(tmp_path, caplog):
+    source = build(seed=9)
+    run_ckpts = tmp_path / "run" / "checkpoints"
+    write_checkpoint(run_ckpts / "step-00000000", {f"model.{k}": v for k, v in source[0].state_dict().items()}, {})
+    parts = build(seed=10)
+    with caplog.at_level(logging.WARNING):
+        assert manager(tmp_path / "run", parts).load()
+    assert "no optimizer state" in caplog.text
+    assert_same(parts[0].state_dict(), source[0].state_dict())
+    assert parts[4].step == 0
+
+
+def test_init_load_asking_for_missing_part_fails_clearly(tmp_path):
+    write_checkpoint(tmp_path / "src" / "step-00000000",
+                     {f"model.{k}": v for k, v in build()[0].state_dict().items()}, {})
+    ckpt = manager(tmp_path / "run", build(), init_from=str(tmp_path / "src"), init_load="model+optimizer")
+    with pytest.raises(ValueError, match="init_load needs optimizer state"):
+        ckpt.load()
+
+
+def test_single_process_save_resume_and_tmp_cleanup(tmp_path):
+    parts = build(seed=11)
+    ckpt = manager(tmp_path, parts, interval=3, keep_last=0)
+    for _ in range(5):
+        train_step(*parts)
+        ckpt.save(parts[4].step, force=parts[4].step == 5)
+    ckpt.close()
+    stale = tmp_path / "checkpoints" / "step-00000009.tmp"
+    stale.mkdir()
+    assert [(c.step, c.complete) for c in list_checkpoints(tmp_path)] == [(3, True), (5, True), (9, False)]
+    fresh = build(seed=12)
+    assert manager(tmp_path, fresh).load()
+    assert not stale.exists() and fresh[4].step == 5
+    assert_same(full_state(*fresh[:2]), full_state(*parts[:2]))
+    assert train_step(*fresh) == train_step(*parts)
+
+
+def test_write_checkpoint_round_trip_and_incomplete_reasons(tmp_path):
+    tensors = {"model.a": torch.arange(6.0).reshape(2, 3), "model.b": torch.ones(4, dtype=torch.bfloat16),
+               "optimizer.x": torch.zeros(1)}
+    ckpt = write_checkpoint(tmp_path / "step-00000004", tensors, {"step": 4})
+    assert read_meta(ckpt)["step"] == 4 and read_meta(ckpt)["world_size"] == 1
+    assert_same(load_tensors(ckpt), {k: v for k, v in tensors.items() if k.startswith("model.")})
+    assert dict(iter_tensors(ckpt, keys=["model.b"]))["model.b"].dtype == torch.bfloat16
+    with pytest.raises(KeyError, match="model.c"):
+        list(iter_tensors(ckpt, keys=["model.c"]))
+    (ckpt / "meta.json").write_text("{not json")
+    assert "not valid JSON" in list_checkpoints(tmp_path)[0].reason
+    (ckpt / "meta.json").unlink()
+    assert "no meta.json" in list_checkpoints(tmp_path)[0].reason
+    assert latest_complete_checkpoint(tmp_path) is None
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_restricted_unpickler_refuses_foreign_objects(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = write_checkpoint(tmp_path / "step-00000001", {"model.w": torch.zeros(2)}, {"step": 1})
+    assert read_dcp_metadata(ckpt).state_dict_metadata["model.w"].size == (2,)
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to unpickle .*system"):
+        load_tensors(ckpt)
+    assert not (tmp_path / "pwned").exists()
+    (ckpt / ".metadata").write_bytes(pickle.dumps({"not": "metadata"}))
+    with pytest.raises(UnsafeCheckpointError, match="not DCP Metadata"):
+        read_dcp_metadata(ckpt)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("interval", 0, "checkpoint.interval"),
+    ("keep_last", -1, "checkpoint.keep_last"),
+    ("async_mode", "threads", "checkpoint.async_mode"),
+    ("init_load", "optimizer", "checkpoint.init_load"),
+    ("folder", "../elsewhere", "checkpoint.folder"),
+])
+def test_config_errors_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        CheckpointConfig(**{field: value})
+
+
+def test_missing_init_from_fails_before_loading(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint.init_from"):
+        manager(tmp_path, build(), init_from=str(tmp_path / "nowhere"))
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
