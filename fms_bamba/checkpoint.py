@@ -627,8 +627,7 @@ class CheckpointManager:
                 self.trainer_state.load_state_dict({**meta["trainer_state"], **own_run})
             if "lr_scheduler" in meta:
                 self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
-                if not load_optimizer:  # the fresh optimizer's lr is the schedule's at step 0
-                    self._sync_lr_to_schedule()
+                self._sync_lr_to_schedule()
         if "data" in parts:
             if "data_loader" in meta:
                 self.data_loader.load_state_dict(meta["data_loader"])
@@ -641,6 +640,8 @@ class CheckpointManager:
                         ckpt, meta["world_size"], self.world_size)
 
     def _sync_lr_to_schedule(self) -> None:
-        """Set the optimizer's lr to the (kept) schedule's, e.g. when only the model was loaded."""
-        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
+        """Make the optimizer's lr the loaded schedule's. fms_bamba.optim.LRScheduler does so in
+        its load_state_dict; torch's schedulers do not (they expect the optimizer's own state)."""
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
+            for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
