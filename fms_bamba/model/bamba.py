@@ -1,0 +1,185 @@
+"""Bamba: embeddings -> blocks (pre-norm mixer + pre-norm SwiGLU MLP) -> final norm -> LM head."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fms_bamba.model.attention import Attention
+from fms_bamba.model.config import BambaConfig
+from fms_bamba.model.mamba2 import GatedRMSNorm, Mamba2Mixer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 whatever the activation dtype
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)), then + mlp(norm(x)); the mixer is Mamba-2 or attention."""
+
+    def __init__(self, config: BambaConfig, layer_index: int):
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mixer = Attention(config) if config.is_attention_layer(layer_index) else Mamba2Mixer(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config.hidden_size, config.mlp_hidden_size)
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), doc_ids)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Bamba(nn.Module):
+    def __init__(self, config: BambaConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if not self.output.weight.is_meta:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise as the original trainer; in-place ops only, so FSDP2 DTensor shards work."""
+        cfg = self.config
+        residual_scale = 1 / math.sqrt(2 * cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                # torch's default Linear init, U(+-1/sqrt(fan_in)); residual outputs shrunk so the
+                # residual stream's variance does not grow with depth
+                bound = 1 / math.sqrt(module.in_features)
+                if name.endswith(("out_proj", "o_proj", "down_proj")):
+                    bound *= residual_scale
+                module.weight.uniform_(-bound, bound)
+            elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+                module.weight.fill_(1.0)
+            elif isinstance(module, Mamba2Mixer):
+                # depthwise conv: torch's default Conv1d init, fan_in = kernel width
+                bound = 1 / math.sqrt(cfg.mamba_conv_kernel)
+                module.conv_weight.uniform_(-bound, bound)
+                module.conv_bias.uniform_(-bound, bound)
+                module.A_log.uniform_(cfg.a_init_min, cfg.a_init_max).log_()
+                module.D.fill_(1.0)
+                # dt log-uniform in [dt_min, dt_max], stored as softplus^-1(dt) = dt + log(-expm1(-dt))
+                dt = module.dt_bias
+                dt.uniform_(0, 1).mul_(math.log(cfg.dt_max / cfg.dt_min)).add_(math.log(cfg.dt_min)).exp_()
+                dt.clamp_(min=cfg.dt_init_floor)
+                dt.add_(torch.log(-torch.expm1(-dt)))
+        self.tok_embeddings.weight.normal_(0.0, cfg.embedding_init_std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, S] -> logits [B, S, V]; with labels [B, S], the mean fp32 cross-entropy
+        over labels != -100. doc_ids [B, S] is used only when config.doc_masking is on."""
+        self.check_inputs(input_ids, doc_ids, labels)
+        doc_ids = doc_ids if self.config.doc_masking else None
+        h = self.tok_embeddings(input_ids)  # [B, S, D]
+        for layer in self.layers:
+            h = layer(h, doc_ids)
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h)
+        return self.chunked_cross_entropy(h, labels)
+
+    def chunked_cross_entropy(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean fp32 CE over labels != -100, a chunk of tokens at a time. With several chunks,
+        each chunk's logits are recomputed in backward rather than kept, so no more than one
+        chunk of fp32 logits exists at once."""
+        h, labels = h.flatten(0, 1), labels.flatten()  # [B*S, D], [B*S]
+        chunk = self.config.loss_chunk_tokens
+        if labels.numel() <= chunk:
+            total = self._summed_cross_entropy(h, labels)
+        else:
+            total = sum(
+                checkpoint(self._summed_cross_entropy, h[i : i + chunk], labels[i : i + chunk], use_reentrant=False)
+                for i in range(0, labels.numel(), chunk)
+            )
+        return total / (labels != -100).sum().clamp(min=1)
+
+    def _summed_cross_entropy(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.output(h).float()  # [chunk, V]
+        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+    def check_inputs(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+        cfg = self.config
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > cfg.max_seq_len:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds BambaConfig.max_seq_len={cfg.max_seq_len}")
+        for name, tensor in (("doc_ids", doc_ids), ("labels", labels)):
+            if tensor is not None and tensor.shape != input_ids.shape:
+                raise ValueError(f"{name} shape {tuple(tensor.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if cfg.doc_masking and doc_ids is None:
+            raise ValueError("BambaConfig.doc_masking is on but forward got no doc_ids")
+        if cfg.check_token_ids and input_ids.numel():
+            low, high = input_ids.min().item(), input_ids.max().item()
+            if low < 0 or high >= cfg.vocab_size:
+                raise ValueError(
+                    f"token id {high if high >= cfg.vocab_size else low} is outside the vocabulary "
+                    f"[0, vocab_size={cfg.vocab_size})"
+                )
+
+    @classmethod
+    def from_hf(cls, path: str | Path, *, dtype: torch.dtype | None = None, **config_overrides) -> Bamba:
+        """Load a transformers Bamba folder (config.json + safetensors, single or sharded).
+        dtype=None keeps the stored dtype."""
+        from fms_bamba.model import hf_mapping
+
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: not a transformers model folder")
+        config = hf_mapping.config_from_hf(json.loads(config_file.read_text()), **config_overrides)
+        hf_state = hf_mapping.load_safetensors_folder(path)
+        state = hf_mapping.from_hf_state_dict(hf_state, config)
+        if dtype is not None:
+            state = {name: tensor.to(dtype) for name, tensor in state.items()}
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, assign=True)
+        return model
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices (linear, conv and embedding weights) decay; vectors (A_log, D,
+    dt_bias, norm weights, biases) do not. Works on FSDP2 models (DTensors keep global shapes)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]

@@ -1,0 +1,79 @@
+"""The Mamba-2 mixer: in_proj -> causal conv -> SSD scan -> gated RMSNorm -> out_proj."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fms_bamba.model.config import BambaConfig
+from fms_bamba.model.kernels import kernels_available, mamba_split_conv1d_scan
+from fms_bamba.model.ssd import causal_conv1d, ssd_chunked_scan
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) over each group of channels: the gate goes before the norm."""
+
+    def __init__(self, dim: int, n_groups: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.n_groups = n_groups
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        # y [b, s, d_inner] (fp32 from the scan), z [b, s, d_inner] -> z's dtype
+        gated = (y.float() * F.silu(z.float())).unflatten(-1, (self.n_groups, -1))
+        normed = F.rms_norm(gated, (gated.shape[-1],), eps=self.eps).flatten(-2)
+        return self.weight * normed.to(z.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 (SSD) sequence mixer with a pure-PyTorch path and mamba-ssm's fused kernel path."""
+
+    def __init__(self, config: BambaConfig):
+        super().__init__()
+        self.config = config
+        d_inner, n_heads = config.mamba_d_inner, config.mamba_n_heads
+        self.bc_dim = config.mamba_n_groups * config.mamba_d_state
+        # one projection for [z (gate), xBC (conv input), dt]
+        self.in_proj = nn.Linear(config.hidden_size, d_inner + config.mamba_conv_dim + n_heads, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(config.mamba_conv_dim, config.mamba_conv_kernel))
+        self.conv_bias = nn.Parameter(torch.empty(config.mamba_conv_dim))
+        self.dt_bias = nn.Parameter(torch.empty(n_heads))
+        self.A_log = nn.Parameter(torch.empty(n_heads))
+        self.D = nn.Parameter(torch.empty(n_heads))
+        self.norm = GatedRMSNorm(d_inner, config.mamba_n_groups, config.norm_eps)
+        self.out_proj = nn.Linear(d_inner, config.hidden_size, bias=False)
+        if config.mixer_impl == "kernels":
+            mamba_split_conv1d_scan()  # fail now, naming the missing package
+
+    def use_kernels(self, x: torch.Tensor) -> bool:
+        if self.config.mixer_impl == "kernels":
+            if not x.is_cuda:
+                raise RuntimeError(f"mixer_impl='kernels' runs on CUDA tensors only, got {x.device}")
+            return True
+        return self.config.mixer_impl == "auto" and x.is_cuda and kernels_available()
+
+    def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.config
+        zxbcdt = self.in_proj(hidden)  # [b, s, d_inner + conv_dim + n_heads]
+        A = -torch.exp(self.A_log.float())  # [n_heads], negative: the state decays
+        if self.use_kernels(hidden):
+            return mamba_split_conv1d_scan()(
+                zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, A, self.D,
+                chunk_size=cfg.mamba_chunk_size,
+                seq_idx=None if doc_ids is None else doc_ids.to(torch.int32),
+                activation="silu", rmsnorm_weight=self.norm.weight, rmsnorm_eps=cfg.norm_eps,
+                outproj_weight=self.out_proj.weight, headdim=cfg.mamba_head_dim,
+                ngroups=cfg.mamba_n_groups, norm_before_gate=False,
+            )
+        z, xBC, dt = zxbcdt.split([cfg.mamba_d_inner, cfg.mamba_conv_dim, cfg.mamba_n_heads], dim=-1)
+        xBC = F.silu(causal_conv1d(xBC, self.conv_weight, self.conv_bias, doc_ids))
+        x, B, C = xBC.split([cfg.mamba_d_inner, self.bc_dim, self.bc_dim], dim=-1)
+        x = x.unflatten(-1, (cfg.mamba_n_heads, cfg.mamba_head_dim))  # [b, s, h, p]
+        B = B.unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state))  # [b, s, g, n]
+        C = C.unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state))  # [b, s, g, n]
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # [b, s, h], positive step sizes
+        y = ssd_chunked_scan(x, dt, A, B, C, cfg.mamba_chunk_size, doc_ids)  # [b, s, h, p], fp32
+        y = y + x * self.D[:, None]  # skip connection
+        return self.out_proj(self.norm(y.flatten(-2), z))

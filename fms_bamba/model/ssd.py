@@ -1,0 +1,108 @@
+"""Pure-PyTorch Mamba-2 pieces: the depthwise causal conv and the chunked SSD scan.
+
+Both optionally restart at packed-document boundaries: given doc_ids [B, S], a token only sees
+tokens of its own document. Documents are contiguous, so "t and u are in one document" is just
+doc_ids[t] == doc_ids[u], and the scan applies that as a 0/1 factor on every decay term.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, doc_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Depthwise causal conv: out[t] = bias + sum_k weight[:, k] * x[t - (K-1) + k].
+
+    x [B, S, C], weight [C, K], bias [C], doc_ids [B, S] -> [B, S, C].
+    """
+    seq_len, kernel = x.shape[1], weight.shape[1]
+    out = x * weight[:, kernel - 1]
+    for shift in range(1, kernel):
+        past = F.pad(x, (0, 0, shift, 0))[:, :seq_len]  # x[t - shift], zeros before the start
+        if doc_ids is not None:
+            same_doc = doc_ids == F.pad(doc_ids, (shift, 0), value=-1)[:, :seq_len]
+            past = past * same_doc.unsqueeze(-1)
+        out = out + past * weight[:, kernel - 1 - shift]
+    return out if bias is None else out + bias
+
+
+def ssd_chunked_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The SSD scan (Mamba-2 paper, Sec. 6) by chunks, accumulating in at least fp32.
+
+    Per head:  h[t] = exp(dt[t] * A) h[t-1] + dt[t] B[t] x[t]^T,   y[t] = h[t] C[t]
+    x [b, s, h, p], dt [b, s, h] (after softplus), A [h] (negative), B and C [b, s, g, n],
+    doc_ids [b, s] -> y [b, s, h, p] in fp32 (fp64 for fp64 inputs). Any s: the tail chunk is
+    zero-padded.
+    """
+    batch, seq_len, n_heads, head_dim = x.shape
+    heads_per_group = n_heads // B.shape[2]
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    pad = -seq_len % chunk_size
+    n_chunks = (seq_len + pad) // chunk_size
+
+    def to_chunks(t: torch.Tensor) -> torch.Tensor:
+        # padded steps have dt = 0 and x = 0: they neither decay nor add to the state
+        t = F.pad(t.to(compute_dtype), (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(batch, n_chunks, chunk_size, *t.shape[2:])
+
+    x = to_chunks(x)  # [b, c, l, h, p]
+    dt = to_chunks(dt)  # [b, c, l, h]
+    B = to_chunks(B).repeat_interleave(heads_per_group, dim=3)  # [b, c, l, h, n]
+    C = to_chunks(C).repeat_interleave(heads_per_group, dim=3)  # [b, c, l, h, n]
+    x_dt = x * dt.unsqueeze(-1)  # the input term dt[t] x[t]
+
+    # log decay from the chunk start through step l (inclusive): sum of dt * A
+    log_decay = torch.cumsum(dt * A.to(compute_dtype), dim=2)  # [b, c, l, h]
+
+    if doc_ids is not None:
+        # padded steps join the last document, so they never cut a chunk's state
+        docs = torch.cat([doc_ids, doc_ids[:, -1:].expand(-1, pad)], dim=1)
+        docs = docs.reshape(batch, n_chunks, chunk_size)  # [b, c, l]
+        chunk_end_doc = docs[:, :, -1]  # [b, c]
+
+    # 1. within a chunk (the quadratic, attention-like form): decay[i, j] = exp(sum_{j<k<=i} dt A)
+    decay = log_decay.unsqueeze(3) - log_decay.unsqueeze(2)  # [b, c, i, j, h]
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp(decay.masked_fill(~causal[:, :, None], float("-inf")))
+    if doc_ids is not None:
+        decay = decay * (docs.unsqueeze(3) == docs.unsqueeze(2)).unsqueeze(-1)
+    scores = torch.einsum("bcihn,bcjhn->bcijh", C, B) * decay
+    y = torch.einsum("bcijh,bcjhp->bcihp", scores, x_dt)
+
+    # 2. each chunk's own contribution to the state at its end
+    decay_to_end = torch.exp(log_decay[:, :, -1:] - log_decay)  # [b, c, l, h]
+    if doc_ids is not None:
+        decay_to_end = decay_to_end * (docs == chunk_end_doc.unsqueeze(-1)).unsqueeze(-1)
+    chunk_states = torch.einsum("bclh,bclhn,bclhp->bchpn", decay_to_end, B, x_dt)
+
+    # 3. carry the state across chunks (a short sequential recurrence over n_chunks)
+    chunk_decay = torch.exp(log_decay[:, :, -1])  # [b, c, h]
+    state = torch.zeros_like(chunk_states[:, 0])  # [b, h, p, n]
+    start_states = []
+    for c in range(n_chunks):
+        start_states.append(state)
+        carry = chunk_decay[:, c]
+        if doc_ids is not None and c > 0:
+            carry = carry * (chunk_end_doc[:, c] == chunk_end_doc[:, c - 1]).unsqueeze(-1)
+        state = state * carry[:, :, None, None] + chunk_states[:, c]
+    start_states = torch.stack(start_states, dim=1)  # [b, c, h, p, n]
+
+    # 4. the state entering each chunk, decayed to step l and read out through C
+    decay_from_start = torch.exp(log_decay)  # [b, c, l, h]
+    if doc_ids is not None:
+        previous_end_doc = F.pad(chunk_end_doc, (1, 0), value=-1)[:, :-1]  # [b, c]
+        decay_from_start = decay_from_start * (docs == previous_end_doc.unsqueeze(-1)).unsqueeze(-1)
+    y = y + torch.einsum("bclhn,bchpn,bclh->bclhp", C, start_states, decay_from_start)
+
+    return y.reshape(batch, n_chunks * chunk_size, n_heads, head_dim)[:, :seq_len]
