@@ -33,10 +33,10 @@ def _register_package_without_init(name: str) -> None:
 @functools.cache
 def mamba_split_conv1d_scan() -> Callable:
     """mamba-ssm's `mamba_split_conv1d_scan_combined`; ImportError naming what is missing."""
-    for package in ("triton", "causal_conv1d"):
+    _register_package_without_init("mamba_ssm")
+    for package in ("causal_conv1d", "triton"):
         if importlib.util.find_spec(package) is None:
             raise _missing(package.replace("_", "-"))
-    _register_package_without_init("mamba_ssm")
     try:
         ssd_combined = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
     except ImportError as err:
