@@ -185,14 +185,14 @@ class TokenDataLoader:
 def state_field(container: dict, key: str, kind: type, where: str = "") -> Any:
     """`container[key]`, checked to be a non-negative `kind` (int, float) or a `kind`; ValueError otherwise."""
     if key not in container:
-        raise ValueError(f"data loader state: missing field {where}{key!r} (not a state written by data_loader)")
+        raise ValueError(f"data loader state: missing field '{where}{key}' (not a state written by data_loader)")
     value = container[key]
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
     else:
         ok = isinstance(value, kind) and not isinstance(value, bool) and (kind is not int or value >= 0)
     if not ok:
-        raise ValueError(f"data loader state: field {where}{key!r} = {value!r} is not a valid {kind.__name__}")
+        raise ValueError(f"data loader state: field '{where}{key}' = {value!r} is not a valid {kind.__name__}")
     return value
 
 

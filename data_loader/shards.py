@@ -37,14 +37,8 @@ def find_shard_files(dataset_dir: Path) -> list[str]:
     )
 
 
-def read_counts_file(dataset_dir: Path, files: list[str]) -> dict[str, tuple[int, int]] | None:
-    """`{file: (documents, tokens)}` from the dataset's counts file, or None when it has none.
-
-    The counts file must list exactly the shards present, so a stale one cannot hide data.
-    """
-    counts_path = dataset_dir / COUNTS_FILE
-    if not counts_path.exists():
-        return None
+def load_counts(counts_path: Path) -> dict[str, tuple[int, int]]:
+    """`{file: (documents, tokens)}` as a counts file lists them."""
     counts: dict[str, tuple[int, int]] = {}
     with open(counts_path, newline="") as handle:
         rows = csv.reader(handle)
@@ -58,6 +52,18 @@ def read_counts_file(dataset_dir: Path, files: list[str]) -> dict[str, tuple[int
             if documents < 0 or tokens < 0:
                 raise ValueError(f"{counts_path}: line {line_number} has a negative count")
             counts[name] = (documents, tokens)
+    return counts
+
+
+def read_counts_file(dataset_dir: Path, files: list[str]) -> dict[str, tuple[int, int]] | None:
+    """The dataset's counts (see `load_counts`), or None when it has no counts file.
+
+    The counts file must list exactly the shards present, so a stale one cannot hide data.
+    """
+    counts_path = dataset_dir / COUNTS_FILE
+    if not counts_path.exists():
+        return None
+    counts = load_counts(counts_path)
     listed, present = set(counts), set(files)
     if listed != present:
         raise ValueError(
@@ -89,7 +95,7 @@ def read_token_column_type(path: Path, column: str) -> pa.DataType:
         else:
             schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as error:
-        raise ValueError(f"{path}: not a readable {path.suffix[1:]} shard ({error})") from None
+        raise ValueError(f"{path}: corrupt or truncated {path.suffix[1:]} shard ({error})") from None
     if column not in schema.names:
         raise ValueError(f"{path}: no token column {column!r} (columns: {schema.names}); set data.token_column")
     column_type = schema.field(column).type
