@@ -1,0 +1,83 @@
+"""`fms-bamba COMMAND ...`: train | prepare | plot.
+
+Under torchrun: `torchrun --nproc_per_node=N -m fms_bamba.cli train CONFIG --section.field=value`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import fire
+
+USAGE = """usage: fms-bamba COMMAND [ARGS ...]
+
+commands:
+{commands}
+
+`fms-bamba train` with no arguments trains the tiny model on the built-in Python-stdlib corpus."""
+
+
+def train_command(argv: list[str]) -> int:
+    """train [CONFIG] [--section.field=value ...]: train, or resume the run in job.run_dir."""
+    from fms_bamba.config import ConfigError, load_job_config
+    from fms_bamba.train import TrainingDiverged, train
+
+    def run(config: str | None = None, **overrides) -> None:
+        train(load_job_config(config, overrides))
+
+    try:
+        fire.Fire(run, command=argv, name="fms-bamba train")
+    except ConfigError as err:
+        print(f"fms-bamba train: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"fms-bamba train: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def prepare_command(argv: list[str]) -> int:
+    """prepare ...: tokenize raw text corpora into loader shards (see `fms-bamba prepare --help`)."""
+    from data_loader.prepare import main as prepare_main
+
+    return prepare_main(argv) or 0
+
+
+def plot_command(argv: list[str]) -> int:
+    """plot RUN_DIR [--out PNG]: draw loss and tokens/s/GPU of a run (default RUN_DIR/metrics.png)."""
+    from fms_bamba.plot import plot_run
+
+    def run(run_dir: str, out: str | None = None) -> None:
+        print(plot_run(run_dir, out))
+
+    try:
+        fire.Fire(run, command=argv, name="fms-bamba plot")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"fms-bamba plot: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# Each command takes the arguments after its name and returns an exit code.
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": train_command,
+    "prepare": prepare_command,
+    "plot": plot_command,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    listing = "\n".join(f"  {command.__doc__.splitlines()[0]}" for command in COMMANDS.values())
+    asked_for_help = not argv or argv[0] in ("-h", "--help", "help")
+    print(USAGE.format(commands=listing), file=sys.stdout if asked_for_help else sys.stderr)
+    if asked_for_help:
+        return 0
+    print(f"fms-bamba: error: unknown command {argv[0]!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

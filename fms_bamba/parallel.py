@@ -1,0 +1,95 @@
+"""Process groups, the device mesh, and `apply_parallelism`: activation checkpointing, compile
+and FSDP2 / HSDP applied to a Bamba model in place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    checkpoint_wrapper,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from fms_bamba.config import ParallelismSection
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job, read from torchrun's environment (1 process without it)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def dist_info_from_env() -> DistInfo:
+    return DistInfo(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                    world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def resolve_mesh_shape(cfg: ParallelismSection, world_size: int) -> tuple[int, int]:
+    """(replicate, shard) sizes; raises ValueError naming the field when they don't fit the world."""
+    if cfg.dp_replicate < 1:
+        raise ValueError(f"parallelism.dp_replicate must be >= 1, got {cfg.dp_replicate}")
+    shard = world_size // cfg.dp_replicate if cfg.dp_shard == -1 else cfg.dp_shard
+    if shard < 1 or cfg.dp_replicate * shard != world_size:
+        raise ValueError(f"parallelism.dp_replicate ({cfg.dp_replicate}) x parallelism.dp_shard "
+                         f"({cfg.dp_shard}) must equal the number of processes ({world_size})")
+    return cfg.dp_replicate, shard
+
+
+def parse_activation_checkpoint(mode: str) -> int:
+    """Checkpoint every N-th block: 0 = none, 1 = full, N for 'every-N'."""
+    if mode == "none":
+        return 0
+    if mode == "full":
+        return 1
+    prefix, _, every = mode.partition("-")
+    if prefix == "every" and every.isdigit() and int(every) >= 1:
+        return int(every)
+    raise ValueError(f"parallelism.activation_checkpoint must be none | full | every-N, got {mode!r}")
+
+
+def init_distributed(device: torch.device) -> None:
+    """Start the process group: NCCL for CUDA tensors, gloo for CPU ones. A single process
+    started without torchrun gets a private one-rank group, so every code path is the same."""
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def build_mesh(cfg: ParallelismSection, device: torch.device) -> DeviceMesh:
+    """1-D ("dp_shard",) mesh for FSDP, or 2-D ("dp_replicate", "dp_shard") for HSDP."""
+    replicate, shard = resolve_mesh_shape(cfg, dist.get_world_size())
+    if replicate == 1:
+        return init_device_mesh(device.type, (shard,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: ParallelismSection, *,
+                      param_dtype: torch.dtype = torch.float32) -> None:
+    """Activation checkpointing, then compile, then `fully_shard` per decoder block and the root.
+
+    Call on a model built under torch.device("meta"); afterwards `to_empty` + `init_weights`."""
+    every = parse_activation_checkpoint(cfg.activation_checkpoint)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    last = len(model.layers) - 1
+    for index, block in enumerate(list(model.layers)):
+        if every and index % every == 0:
+            # checkpoint_wrapper's prefix is stripped from state_dict and DCP keys alike.
+            block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        if cfg.compile:
+            block.compile()
+        # The last block's parameters are needed again right away by backward: keep them gathered.
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < last)
+        model.layers[index] = block
+    fully_shard(model, mesh=mesh, mp_policy=policy)

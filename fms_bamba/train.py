@@ -1,0 +1,341 @@
+"""The training loop: `train(job_config)`.
+
+Order of work: check everything that can be wrong with the config (before any process group or
+device memory), start the process group, build the model on the meta device and shard it, build
+optimizer / schedule / data loader, resume from the latest checkpoint, then step."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from data_loader import build_dataloader
+from fms_bamba.checkpoint import CheckpointManager
+from fms_bamba.config import ConfigError, JobConfig, config_to_dict, save_job_config
+from fms_bamba.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
+from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
+from fms_bamba.optim import build_lr_scheduler, build_optimizer, validate_lr_scheduler
+from fms_bamba.parallel import (
+    DistInfo,
+    apply_parallelism,
+    build_mesh,
+    dist_info_from_env,
+    init_distributed,
+    parse_activation_checkpoint,
+    resolve_mesh_shape,
+)
+from fms_bamba.preemption import EXIT_PREEMPTED, PreemptionHandler
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainerState:
+    """The loop's counters; saved in every checkpoint's meta.json."""
+
+    step: int = 0
+    """Optimizer steps completed (skipped ones included: their data was consumed)."""
+    tokens_seen: int = 0
+    """Training tokens consumed by the whole job."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped because the loss or a gradient was not finite."""
+    wandb_run_id: str = ""
+    """The W&B run this job logs to, so a resumed job continues it."""
+
+    def __post_init__(self) -> None:
+        # Skips counted on the device since the last read, so a step needs no host sync.
+        self._skips_on_device: torch.Tensor | None = None
+
+    def count_skip(self, skipped: torch.Tensor) -> None:
+        self._skips_on_device = skipped.long() if self._skips_on_device is None else self._skips_on_device + skipped
+
+    def sync(self) -> None:
+        """Fold the device-side skip count into `skipped_steps` (waits for the device)."""
+        if self._skips_on_device is not None:
+            self.skipped_steps += int(self._skips_on_device.item())
+            self._skips_on_device = None
+
+    def state_dict(self) -> dict:
+        self.sync()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
+        self._skips_on_device = None
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch splits into micro-batches."""
+
+    global_batch_sequences: int
+    grad_accum_steps: int
+    tokens_per_step: int
+
+
+def plan_batch(cfg: JobConfig, world_size: int) -> BatchPlan:
+    """Resolve the global batch; raises ConfigError naming the fields when ranks x micro-batch
+    don't divide it."""
+    training = cfg.training
+    for name in ("seq_len", "micro_batch_size", "steps"):
+        if getattr(training, name) < 1:
+            raise ConfigError(f"training.{name} must be >= 1, got {getattr(training, name)}")
+    if training.global_batch_sequences and training.global_batch_tokens:
+        raise ConfigError("set only one of training.global_batch_sequences and training.global_batch_tokens")
+    if training.global_batch_tokens:
+        if training.global_batch_tokens % training.seq_len:
+            raise ConfigError(f"training.global_batch_tokens ({training.global_batch_tokens}) must be a "
+                              f"multiple of training.seq_len ({training.seq_len})")
+        sequences = training.global_batch_tokens // training.seq_len
+        field = "training.global_batch_tokens"
+    else:
+        sequences = training.global_batch_sequences or world_size * training.micro_batch_size
+        field = "training.global_batch_sequences"
+    per_pass = world_size * training.micro_batch_size
+    if sequences < 0 or sequences % per_pass:
+        raise ConfigError(f"{field} gives {sequences} sequences per step, which {world_size} processes x "
+                          f"training.micro_batch_size {training.micro_batch_size} (= {per_pass}) don't divide")
+    return BatchPlan(sequences, sequences // per_pass, sequences * training.seq_len)
+
+
+def build_model_config(cfg: JobConfig) -> BambaConfig:
+    overrides = {"mixer_impl": cfg.model.mixer_impl, "attn_impl": cfg.model.attn_impl,
+                 "doc_masking": cfg.model.doc_masking,
+                 "max_seq_len": cfg.model.max_seq_len or cfg.training.seq_len}
+    if cfg.model.vocab_size is not None:
+        overrides["vocab_size"] = cfg.model.vocab_size
+    if overrides["max_seq_len"] < cfg.training.seq_len:
+        raise ConfigError(f"model.max_seq_len ({cfg.model.max_seq_len}) is below training.seq_len "
+                          f"({cfg.training.seq_len})")
+    try:
+        return BambaConfig.from_preset(cfg.model.preset, **overrides)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from None
+
+
+def pick_device(cfg: JobConfig, info: DistInfo) -> torch.device:
+    choice = cfg.training.device
+    if choice not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"training.device must be auto | cuda | cpu, got {choice!r}")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("training.device is cuda but no CUDA device is visible")
+    if info.local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"local rank {info.local_rank} has no GPU: only {torch.cuda.device_count()} visible")
+    return torch.device("cuda", info.local_rank)
+
+
+def resolve_data(cfg: JobConfig) -> None:
+    """An empty `data.datasets` means the built-in corpus: build it (once) and point the config at it."""
+    if cfg.data.datasets:
+        return
+    from fms_bamba.default_corpus import DATASET_NAME, default_corpus
+
+    corpus = default_corpus()
+    cfg.data.root, cfg.data.datasets, cfg.data.weights = str(corpus), [DATASET_NAME], []
+    cfg.model.tokenizer = str(corpus / "tokenizer.json")
+
+
+def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, torch.device]:
+    """Every check that can fail on the config, cheap and before any process group or device memory."""
+    device = pick_device(cfg, info)
+    try:
+        resolve_mesh_shape(cfg.parallelism, info.world_size)
+        parse_activation_checkpoint(cfg.parallelism.activation_checkpoint)
+        validate_lr_scheduler(cfg.lr_scheduler, peak_lr=cfg.optimizer.lr, total_steps=cfg.training.steps)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    plan = plan_batch(cfg, info.world_size)
+    model_cfg = build_model_config(cfg)
+    if cfg.training.dtype not in DTYPES:
+        raise ConfigError(f"training.dtype must be one of {tuple(DTYPES)}, got {cfg.training.dtype!r}")
+    if cfg.training.max_consecutive_skips < 1:
+        raise ConfigError(f"training.max_consecutive_skips must be >= 1, got {cfg.training.max_consecutive_skips}")
+    if cfg.training.max_grad_norm < 0:
+        raise ConfigError(f"training.max_grad_norm must be >= 0, got {cfg.training.max_grad_norm}")
+    if cfg.metrics.log_interval < 1:
+        raise ConfigError(f"metrics.log_interval must be >= 1, got {cfg.metrics.log_interval}")
+    if cfg.metrics.wandb_mode not in ("online", "offline"):
+        raise ConfigError(f"metrics.wandb_mode must be online | offline, got {cfg.metrics.wandb_mode!r}")
+    resolve_data(cfg)
+    try:
+        cfg.data.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.model.tokenizer and not Path(cfg.model.tokenizer).exists():
+        raise ConfigError(f"model.tokenizer: {cfg.model.tokenizer} does not exist")
+    return model_cfg, plan, device
+
+
+def copy_tokenizer(source: str, run_dir: Path) -> None:
+    """RUN_DIR/tokenizer/ gets the run's tokenizer files, so generation needs nothing else."""
+    if not source:
+        return
+    source_path, target = Path(source), run_dir / "tokenizer"
+    target.mkdir(parents=True, exist_ok=True)
+    if source_path.is_dir():
+        for file in source_path.iterdir():
+            if file.is_file():
+                shutil.copy2(file, target / file.name)
+    else:
+        shutil.copy2(source_path, target / "tokenizer.json")
+
+
+def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """L2 norm of all gradients of the job (FSDP2 shards are DTensors: reduce them too)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def shared_run_id(info: DistInfo) -> str:
+    """A fresh W&B run id drawn on rank 0 and agreed by all ranks."""
+    run_id = [secrets.token_hex(4) if info.rank == 0 else None]
+    dist.broadcast_object_list(run_id, src=0)
+    return run_id[0]
+
+
+def train(cfg: JobConfig) -> None:
+    """Run (or resume) the job `cfg` describes, in this process as one rank of torchrun's job."""
+    info = dist_info_from_env()
+    model_cfg, plan, device = check_job(cfg, info)
+    init_distributed(device)
+    try:
+        _train(cfg, info, model_cfg, plan, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPlan, device: torch.device) -> None:
+    run_dir = Path(cfg.job.run_dir)
+    if info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_job_config(cfg, run_dir / "config.yaml")
+        copy_tokenizer(cfg.model.tokenizer, run_dir)
+
+    mesh = build_mesh(cfg.parallelism, device)
+    torch.manual_seed(cfg.job.seed)
+    with torch.device("meta"):
+        model = Bamba(model_cfg)
+    param_dtype = DTYPES[cfg.training.dtype] if device.type == "cuda" else torch.float32
+    apply_parallelism(model, mesh, cfg.parallelism, param_dtype=param_dtype)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()
+    model.train()
+
+    optimizer = build_optimizer(model, cfg.optimizer)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, peak_lr=cfg.optimizer.lr,
+                                      total_steps=cfg.training.steps)
+    data_loader = build_dataloader(cfg.data, rank=info.rank, world_size=info.world_size,
+                                   seq_len=cfg.training.seq_len, micro_batch_size=cfg.training.micro_batch_size,
+                                   vocab_size=model_cfg.vocab_size)
+    state = TrainerState()
+    ckpt = CheckpointManager(cfg.checkpoint, run_dir, model=model, optimizer=optimizer,
+                             lr_scheduler=lr_scheduler, data_loader=data_loader, trainer_state=state)
+    preemption = PreemptionHandler()
+    ckpt.load()
+    if not state.wandb_run_id:
+        state.wandb_run_id = shared_run_id(info)
+    logger = MetricsLogger(cfg.metrics, run_dir, rank=info.rank, total_steps=cfg.training.steps,
+                           start_step=state.step, wandb_run_id=state.wandb_run_id,
+                           run_name=cfg.job.description, config=config_to_dict(cfg))
+    if info.rank == 0:
+        print(f"training Bamba {cfg.model.preset}: "
+              f"{sum(p.numel() for p in model.parameters()):,} parameters on {info.world_size} x {device.type}, "
+              f"global batch {plan.global_batch_sequences} x {cfg.training.seq_len} tokens "
+              f"({plan.grad_accum_steps} micro-batches per rank), steps {state.step + 1}..{cfg.training.steps}, "
+              f"run dir {run_dir}", flush=True)
+
+    flops_per_token = num_flops_per_token(model_cfg, cfg.training.seq_len)
+    peak_flops = device_peak_flops(device, cfg.metrics.peak_tflops)
+    params = [p for p in model.parameters() if p.requires_grad]
+    nan_steps = set(cfg.training.debug_nan_at_steps)
+    hsdp = mesh.ndim == 2
+    # Consecutive non-finite steps, and the longest such run since the last check, on the device.
+    streak = torch.zeros((), dtype=torch.long, device=device)
+    longest_streak = torch.zeros((), dtype=torch.long, device=device)
+    batches = iter(data_loader)
+    interval_start, interval_steps = time.perf_counter(), 0
+
+    for step in range(state.step + 1, cfg.training.steps + 1):
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(plan.grad_accum_steps):
+            batch = {key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
+            if hsdp:
+                # Replicas all-reduce gradients once per step, not once per micro-batch.
+                model.set_requires_all_reduce(micro == plan.grad_accum_steps - 1)
+            loss = model(batch["input_ids"], doc_ids=batch["doc_ids"] if cfg.model.doc_masking else None,
+                         labels=batch["labels"])
+            if step in nan_steps:
+                loss = loss * float("nan")
+            (loss / plan.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        # The mean loss of the job's step; a device collective, not a host sync.
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        step_loss = loss_sum / (plan.grad_accum_steps * info.world_size)
+
+        grad_norm = global_grad_norm(params)
+        finite = torch.isfinite(grad_norm) & torch.isfinite(step_loss)
+        if cfg.training.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.training.max_grad_norm, grad_norm, foreach=True)
+        # Fused AdamW leaves parameters and moments untouched where found_inf is 1.
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_lr = lr_scheduler.current_lr()
+        lr_scheduler.step()
+        state.step = step
+        state.tokens_seen += plan.tokens_per_step
+        state.count_skip(~finite)
+        streak = (streak + 1) * (~finite)
+        longest_streak = torch.maximum(longest_streak, streak)
+        logger.advance()
+        interval_steps += 1
+
+        if step % cfg.metrics.log_interval == 0 or step == cfg.training.steps:
+            loss_value, grad_norm_value = step_loss.item(), grad_norm.item()
+            state.sync()
+            if longest_streak.item() >= cfg.training.max_consecutive_skips:
+                raise TrainingDiverged(
+                    f"{longest_streak.item()} optimizer steps in a row had a non-finite loss or gradient "
+                    f"(training.max_consecutive_skips={cfg.training.max_consecutive_skips}; last logged step "
+                    f"{step}, {state.skipped_steps} skipped in all): lower optimizer.lr or check the data")
+            longest_streak = streak.clone()
+            elapsed = time.perf_counter() - interval_start
+            tokens_per_sec_per_gpu = interval_steps * plan.tokens_per_step / elapsed / info.world_size
+            logger.log({
+                "step": step, "loss": loss_value, "lr": step_lr, "grad_norm": grad_norm_value,
+                "tokens_seen": state.tokens_seen, "tokens_per_sec_per_gpu": tokens_per_sec_per_gpu,
+                "mfu": tokens_per_sec_per_gpu * flops_per_token / peak_flops if peak_flops else None,
+                "mem_gib": peak_memory_gib(device), "skipped_steps": state.skipped_steps,
+            })
+            interval_start, interval_steps = time.perf_counter(), 0
+
+        stop = preemption.stop_requested()
+        ckpt.save(step, force=stop or step == cfg.training.steps)
+        if stop:
+            ckpt.close()
+            preemption.close()
+            logger.close()
+            if info.rank == 0:
+                print(f"preempted: saved step {step}, exiting with code {EXIT_PREEMPTED}", flush=True)
+            sys.exit(EXIT_PREEMPTED)
+
+    ckpt.close()
+    preemption.close()
+    logger.close()
