@@ -113,8 +113,9 @@ def plan_batch(cfg: JobConfig, world_size: int) -> BatchPlan:
 
 
 def build_model_config(cfg: JobConfig) -> BambaConfig:
+    # The data loader checks token ids against vocab_size, so the model needn't (a host sync).
     overrides = {"mixer_impl": cfg.model.mixer_impl, "attn_impl": cfg.model.attn_impl,
-                 "doc_masking": cfg.model.doc_masking,
+                 "doc_masking": cfg.model.doc_masking, "check_token_ids": False,
                  "max_seq_len": cfg.model.max_seq_len or cfg.training.seq_len}
     if cfg.model.vocab_size is not None:
         overrides["vocab_size"] = cfg.model.vocab_size
@@ -177,6 +178,8 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
         cfg.data.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
+        raise ConfigError(f"checkpoint.init_from: {cfg.checkpoint.init_from} does not exist")
     if cfg.model.tokenizer and not Path(cfg.model.tokenizer).exists():
         raise ConfigError(f"model.tokenizer: {cfg.model.tokenizer} does not exist")
     return model_cfg, plan, device
@@ -246,7 +249,8 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
                                    vocab_size=model_cfg.vocab_size)
     state = TrainerState()
     ckpt = CheckpointManager(cfg.checkpoint, run_dir, model=model, optimizer=optimizer,
-                             lr_scheduler=lr_scheduler, data_loader=data_loader, trainer_state=state)
+                             lr_scheduler=lr_scheduler, data_loader=data_loader, trainer_state=state,
+                             job_config=config_to_dict(cfg))
     preemption = PreemptionHandler()
     ckpt.load()
     if not state.wandb_run_id:

@@ -1,0 +1,175 @@
+"""The trainer end to end on CPU: a 2-process gloo run, gradient accumulation across ranks, NaN
+skipping, the built-in corpus, bad input before any process group, the plot command."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fms_bamba import cli, default_corpus, plot
+from fms_bamba.config import load_job_config
+from fms_bamba.train import TrainingDiverged, train
+
+CONTRACT_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec_per_gpu", "mfu", "mem_gib"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The built-in corpus machinery on the first 40 stdlib files (the full one takes ~30 s)."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FMS_BAMBA_CACHE", str(cache))
+        patch.setattr(default_corpus, "stdlib_sources", lambda: SOURCES[:40])
+        return default_corpus.default_corpus()
+
+
+SOURCES = default_corpus.stdlib_sources()
+
+
+def tiny_overrides(run_dir: Path, corpus: Path, **extra) -> dict:
+    return {"job.run_dir": str(run_dir), "data.root": str(corpus), "data.datasets": [default_corpus.DATASET_NAME],
+            "data.num_workers": 0, "model.tokenizer": str(corpus / "tokenizer.json"),
+            "training.seq_len": 64, "training.micro_batch_size": 4, "training.steps": 30,
+            "lr_scheduler.warmup_steps": 5, "metrics.log_interval": 5, "checkpoint.interval": 10, **extra}
+
+
+def as_cli_args(overrides: dict) -> list[str]:
+    return [f"--{key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in overrides.items()]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, overrides: dict, timeout: int = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "-m", "fms_bamba.cli", "train", *as_cli_args(overrides)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_process_run(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("two_process") / "run"
+    torchrun(2, tiny_overrides(run_dir, corpus))
+    return run_dir
+
+
+def test_default_corpus_is_built_once(corpus, monkeypatch):
+    assert (corpus / "tokenizer.json").is_file()
+    assert sorted(p.name for p in (corpus / default_corpus.DATASET_NAME).iterdir()) == ["counts.csv", "documents.arrow"]
+    assert [p.name for p in corpus.parent.iterdir() if ".tmp-" in p.name] == []  # no half-built leftovers
+    monkeypatch.setenv("FMS_BAMBA_CACHE", str(corpus.parent))
+    monkeypatch.setattr(default_corpus, "_build", lambda out: pytest.fail("rebuilt a cached corpus"))
+    assert default_corpus.default_corpus() == corpus
+
+
+@pytest.mark.slow
+def test_two_process_run_trains(two_process_run, corpus):
+    records = read_metrics(two_process_run)
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    for record in records:
+        assert CONTRACT_FIELDS <= record.keys()
+        assert all(record[key] is not None for key in CONTRACT_FIELDS)
+    assert records[-1]["tokens_seen"] == 30 * 2 * 4 * 64
+    assert records[-1]["skipped_steps"] == 0
+    # From ~ln(vocab) the loss must clearly fall in 30 steps.
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0, [r["loss"] for r in records]
+    resolved = load_job_config(two_process_run / "config.yaml")
+    assert resolved.training.steps == 30 and resolved.data.root == str(corpus)
+    assert (two_process_run / "tokenizer" / "tokenizer.json").read_bytes() == (corpus / "tokenizer.json").read_bytes()
+    assert (two_process_run / "checkpoints" / "step-00000030" / "meta.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_grad_accumulation_matches_one_process(two_process_run, corpus, tmp_path):
+    """Global batch 8: 1 process x micro-batch 8 vs 2 processes x micro-batch 2 x 2 accumulation
+    steps, both from the same weights and data. Step 1 sees identical weights, so its loss and the
+    norm of the accumulated gradient agree to float32 rounding (1e-5 / 1e-4 relative); Adam's
+    first updates amplify rounding differences, so later losses agree to 1e-3."""
+    start = {"checkpoint.init_from": str(two_process_run / "checkpoints" / "step-00000010"),
+             "checkpoint.init_load": "model", "checkpoint.enable": False, "training.steps": 4,
+             "training.global_batch_sequences": 8, "metrics.log_interval": 1, "lr_scheduler.warmup_steps": 0}
+    train(load_job_config(None, tiny_overrides(tmp_path / "one", corpus, **start, **{"training.micro_batch_size": 8})))
+    torchrun(2, tiny_overrides(tmp_path / "two", corpus, **start, **{"training.micro_batch_size": 2}))
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    assert one[0]["loss"] == pytest.approx(two[0]["loss"], rel=1e-5)
+    assert one[0]["grad_norm"] == pytest.approx(two[0]["grad_norm"], rel=1e-4)
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)
+    # The steps really trained: same data, falling loss.
+    assert one[-1]["loss"] < one[0]["loss"]
+
+
+def test_nan_loss_is_skipped_and_reported(corpus, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train(load_job_config(None, tiny_overrides(run_dir, corpus, **{
+        "training.steps": 4, "training.debug_nan_at_steps": [2], "metrics.log_interval": 1, "lr_scheduler.warmup_steps": 1,
+        "checkpoint.interval": 4, "metrics.wandb": True, "metrics.wandb_mode": "offline"})))
+    records = read_metrics(run_dir)
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1]
+    assert records[1]["loss"] is None and records[1]["grad_norm"] is None
+    assert all(r["loss"] is not None for r in records if r["step"] != 2)
+    assert "skipped 1" in capsys.readouterr().out
+    meta = json.loads((run_dir / "checkpoints" / "step-00000004" / "meta.json").read_text())
+    assert meta["trainer_state"]["skipped_steps"] == 1
+    # W&B offline: the run id kept in the trainer state names the local W&B run a resume continues.
+    run_id = meta["trainer_state"]["wandb_run_id"]
+    assert run_id and list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def test_consecutive_nans_stop_the_run(corpus, tmp_path):
+    overrides = tiny_overrides(tmp_path / "run", corpus, **{
+        "training.steps": 6, "training.debug_nan_at_steps": [2, 3, 4], "training.max_consecutive_skips": 3,
+        "metrics.log_interval": 5, "checkpoint.enable": False})
+    with pytest.raises(TrainingDiverged, match=r"3 optimizer steps in a row had a non-finite loss"):
+        train(load_job_config(None, overrides))
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda tmp, corpus: [str(tmp / "missing.yaml")], r"config file .*missing\.yaml does not exist"),
+    (lambda tmp, corpus: ["--training.stepz=3"], r"unknown config key training\.stepz"),
+    (lambda tmp, corpus: as_cli_args(tiny_overrides(tmp / "run", corpus, **{"training.global_batch_sequences": 12})),
+     r"training\.global_batch_sequences gives 12 sequences per step, which 2 processes x training\.micro_batch_size 4"),
+    (lambda tmp, corpus: as_cli_args(tiny_overrides(tmp / "run", corpus, **{"data.root": str(tmp), "data.datasets": ["empty"]})),
+     r"data\.datasets: dataset directory .*empty holds no \.arrow or \.parquet shards"),
+])
+def test_bad_input_fails_before_the_process_group(corpus, tmp_path, monkeypatch, capsys, make_args, message):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: an early process group would wait for rank 1
+    monkeypatch.setattr("fms_bamba.train.init_distributed",
+                        lambda device: pytest.fail("process group set up before the input was checked"))
+    assert cli.main(["train", *make_args(tmp_path, corpus)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fms-bamba train: error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_plot_draws_the_run(two_process_run, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = read_metrics(two_process_run)
+    # A resumed run logs steps again after its checkpoint; the plot keeps the latest record.
+    relogged = {**records[-1], "loss": 0.5}
+    lines = [json.dumps(r) for r in records + [relogged]] + ['{"step": 35, "lo']  # cut by a kill
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert plot.read_metrics(run_dir)[-1] == relogged
+    assert cli.main(["plot", str(run_dir), "--out", str(tmp_path / "metrics.png")]) == 0
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["plot", str(tmp_path / "nothing")]) == 2
