@@ -25,6 +25,7 @@ from data_loader.stream import DatasetStream
 
 STATE_FORMAT = "fms-bamba-data/1"
 IGNORE_INDEX = -100
+BATCH_KEYS = ("input_ids", "labels", "doc_ids")
 
 
 def build_streams(cfg: DataConfig, vocab_size: Optional[int] = None) -> list[DatasetStream]:
@@ -46,8 +47,12 @@ def build_streams(cfg: DataConfig, vocab_size: Optional[int] = None) -> list[Dat
     ]
 
 
-def pack_batch(streams: list[DatasetStream], mapper: SampleMapper, first_sample: int, batch_size: int) -> dict[str, torch.Tensor]:
-    """Global samples [first_sample, first_sample + batch_size) as one batch dict."""
+def pack_batch(streams: list[DatasetStream], mapper: SampleMapper, first_sample: int, batch_size: int) -> torch.Tensor:
+    """Global samples [first_sample, first_sample + batch_size) as input_ids, labels, doc_ids: [3, B, S].
+
+    One tensor rather than three: every tensor a dataloader worker hands over costs a fresh
+    shared-memory segment and a file-descriptor round trip.
+    """
     sample_tokens = mapper.plan.sample_tokens
     windows = np.empty((batch_size, sample_tokens), np.int64)
     documents = np.empty((batch_size, sample_tokens), np.int64)
@@ -55,14 +60,19 @@ def pack_batch(streams: list[DatasetStream], mapper: SampleMapper, first_sample:
         dataset, position = mapper.locate(first_sample + row)
         piece_lengths = streams[dataset].read(position, windows[row])
         documents[row] = np.repeat(np.arange(len(piece_lengths)), piece_lengths)
-    labels = windows[:, 1:].copy()
+    vocab_size = streams[0].vocab_size
+    if vocab_size is not None and (windows.min() < 0 or windows.max() >= vocab_size):
+        for row in range(batch_size):
+            dataset, position = mapper.locate(first_sample + row)
+            streams[dataset].check_vocabulary(position, sample_tokens)
+    batch = np.empty((3, batch_size, sample_tokens - 1), np.int64)
+    input_ids, labels, doc_ids = batch
+    input_ids[:] = windows[:, :-1]
+    labels[:] = windows[:, 1:]
     # A document's last token has nothing of its own to predict.
     labels[documents[:, 1:] != documents[:, :-1]] = IGNORE_INDEX
-    return {
-        "input_ids": torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
-        "labels": torch.from_numpy(labels),
-        "doc_ids": torch.from_numpy(np.ascontiguousarray(documents[:, :-1])),
-    }
+    doc_ids[:] = documents[:, :-1]
+    return torch.from_numpy(batch)
 
 
 class PackedSamples(IterableDataset):
@@ -76,7 +86,7 @@ class PackedSamples(IterableDataset):
         self.mapper: Optional[SampleMapper] = None
         self.start_sample = 0
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         step = worker
@@ -120,9 +130,9 @@ class TokenDataLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self._samples.start_sample = self.samples_seen
-        for batch in self._loader:
+        for packed in self._loader:
             self.samples_seen += self.world_size * self.micro_batch_size
-            yield batch
+            yield dict(zip(BATCH_KEYS, packed.unbind(0)))
 
     def state_dict(self) -> dict[str, Any]:
         """Job-wide progress: identical on every rank that took the same number of steps."""

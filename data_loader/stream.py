@@ -117,13 +117,17 @@ class DatasetStream:
             file = int(files[slot])
             offset -= int(file_ends[slot - 1]) if slot else 0
             documents, document_ends = self._document_order(file, epoch)
-            slot = int(np.searchsorted(document_ends, offset, side="right"))
-            document_start = int(document_ends[slot - 1]) if slot else 0
-            document_length = int(document_ends[slot]) - document_start
+            index = int(np.searchsorted(document_ends, offset, side="right"))
+            document_start = int(document_ends[index - 1]) if index else 0
             start = offset - document_start
-            stop = min(document_length, start + end - position)
-            yield Segment(epoch, file, int(documents[slot]), start, stop, document_length)
-            position += stop - start
+            # The following documents of this shard come next in the stream: walk them in order.
+            while position < end and index < len(documents):
+                document_end = int(document_ends[index])
+                stop = min(document_end - document_start, start + end - position)
+                if stop > start:
+                    yield Segment(epoch, file, int(documents[index]), start, stop, document_end - document_start)
+                position += stop - start
+                index, document_start, start = index + 1, document_end, 0
 
     def documents_finished(self, position: int) -> int:
         """Documents (over all epochs) whose last token lies before stream `position`."""
@@ -149,16 +153,12 @@ class DatasetStream:
         written = 0
         bos = self.bos_token_id is not None
         for segment in self.segments(position, len(out)):
-            shard = self.shard(segment.file)
             dest = out[written : written + segment.stop - segment.start]
             filled = 0
             if bos and segment.start == 0:
                 dest[0] = self.bos_token_id
                 filled = 1
-            stored = shard.tokens(segment.document)
-            piece = stored[max(segment.start - bos, 0) : max(segment.stop - bos, 0)]
-            if self.vocab_size is not None and len(piece):
-                self._check_vocabulary(piece, shard, segment.document)
+            piece = self._stored_piece(segment)
             dest[filled : filled + len(piece)] = piece
             if filled + len(piece) < len(dest):  # the only token left is the appended EOS
                 dest[-1] = self.eos_token_id
@@ -166,11 +166,18 @@ class DatasetStream:
             written += len(dest)
         return piece_lengths
 
-    def _check_vocabulary(self, piece: np.ndarray, shard: ArrowShard | ParquetShard, document: int) -> None:
-        low, high = int(piece.min()), int(piece.max())
-        if low < 0 or high >= self.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"{shard.path}: document {document} holds token id {bad}, outside the model's vocabulary "
-                f"[0, {self.vocab_size})"
-            )
+    def _stored_piece(self, segment: Segment) -> np.ndarray:
+        bos = self.bos_token_id is not None
+        stored = self.shard(segment.file).tokens(segment.document)
+        return stored[max(segment.start - bos, 0) : max(segment.stop - bos, 0)]
+
+    def check_vocabulary(self, position: int, length: int) -> None:
+        """Raise naming the shard and document if stream tokens [position, +length) leave the vocabulary."""
+        for segment in self.segments(position, length):
+            piece = self._stored_piece(segment)
+            if len(piece) and (int(piece.min()) < 0 or int(piece.max()) >= self.vocab_size):
+                bad = int(piece.min()) if piece.min() < 0 else int(piece.max())
+                raise ValueError(
+                    f"{self.shard(segment.file).path}: document {segment.document} holds token id {bad}, "
+                    f"outside the model's vocabulary [0, {self.vocab_size})"
+                )
