@@ -487,6 +487,11 @@ class CheckpointManager:
             logger.info("checkpoint step %d: saved in %.2fs", step, time.perf_counter() - start)
         self.last_saved_step = step
 
+    @property
+    def writing(self) -> bool:
+        """An async save of this rank is still being written."""
+        return self.pending is not None and not self.pending[0].done()
+
     def close(self) -> None:
         """Wait for an async save in flight and commit it; collective."""
         self._commit_pending(wait=True)

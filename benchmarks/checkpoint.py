@@ -1,0 +1,151 @@
+"""What a checkpoint costs the training loop: a synchronous save, an asynchronous one, and how
+long the asynchronous one blocks training, for the model of a job config.
+
+    torchrun --nproc_per_node=8 benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/local/ckpt-bench
+    python benchmarks/checkpoint.py configs/tiny.yaml --training.seq_len=64      # CPU, one process
+
+Trains on random tokens (no corpus needed) with the trainer's own model, parallelism, optimizer
+and schedule; `--section.field=value` overrides the config as for `fms-bamba train`. Rank 0 prints
+a table and one JSON line. `--out` should be on the file system real runs write to.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import fire
+import torch
+import torch.distributed as dist
+
+from fms_bamba.checkpoint import CheckpointConfig, CheckpointManager, latest_complete_checkpoint, read_meta
+from fms_bamba.config import load_job_config
+from fms_bamba.model import Bamba
+from fms_bamba.optim import build_lr_scheduler, build_optimizer
+from fms_bamba.parallel import apply_parallelism, build_mesh, dist_info_from_env, init_distributed
+from fms_bamba.train import DTYPES, TrainerState, build_model_config, pick_device
+
+
+class RandomTokens:
+    """Uniform random batches; the position (batches drawn) is all its checkpoint state holds."""
+
+    def __init__(self, vocab_size: int, micro_batch_size: int, seq_len: int, device: torch.device):
+        self.shape, self.vocab_size, self.device = (micro_batch_size, seq_len + 1), vocab_size, device
+        self.batches = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.batches += 1
+        window = torch.randint(self.vocab_size, self.shape, device=self.device)
+        return window[:, :-1], window[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = state["batches"]
+
+
+def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-checkpoint-bench",
+         repeats: int = 2, **overrides) -> None:
+    cfg = load_job_config(config, overrides)
+    info = dist_info_from_env()
+    model_cfg, device = build_model_config(cfg), pick_device(cfg, info)
+    init_distributed(device)
+    rank0 = info.rank == 0
+    out_dir = Path(out)
+    if rank0 and out_dir.exists():
+        shutil.rmtree(out_dir)
+
+    mesh = build_mesh(cfg.parallelism, device)
+    with torch.device("meta"):
+        model = Bamba(model_cfg)
+    apply_parallelism(model, mesh, cfg.parallelism,
+                      param_dtype=DTYPES[cfg.training.dtype] if device.type == "cuda" else torch.float32)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()
+    optimizer = build_optimizer(model, cfg.optimizer)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, peak_lr=cfg.optimizer.lr,
+                                      total_steps=cfg.training.steps)
+    data = RandomTokens(model_cfg.vocab_size, cfg.training.micro_batch_size, cfg.training.seq_len, device)
+    state = TrainerState()
+
+    def train_step() -> float:
+        """One optimizer step; returns its wall time (the device included)."""
+        start = time.perf_counter()
+        input_ids, labels = data.next()
+        model(input_ids, labels=labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        state.step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def manager(async_mode: str, run_dir: Path) -> CheckpointManager:
+        return CheckpointManager(CheckpointConfig(interval=1, keep_last=1, async_mode=async_mode), run_dir,
+                                 model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                 data_loader=data, trainer_state=state)
+
+    def timed(fn) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        dist.barrier()
+        return time.perf_counter() - start
+
+    def any_rank(flag: bool) -> bool:
+        agreed = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        return bool(agreed.item())
+
+    for _ in range(2):  # warm-up; creates the optimizer's moments
+        train_step()
+    step_time = min(train_step() for _ in range(3))
+
+    sync = manager("disabled", out_dir / "sync")
+    sync_times = []
+    for _ in range(repeats):
+        sync_times.append(timed(lambda: sync.save(state.step)))
+        train_step()
+    ckpt_dir = latest_complete_checkpoint(out_dir / "sync")
+    size_gb = sum(read_meta(ckpt_dir)["files"].values()) / 1e9
+
+    async_ckpt = manager("async", out_dir / "async")
+    blocked, total, overlapped_steps = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        blocked.append(timed(lambda: async_ckpt.save(state.step)))
+        step_times = []
+        while any_rank(async_ckpt.writing):  # train while the write runs, the same steps on all ranks
+            step_times.append(train_step())
+        async_ckpt.close()
+        dist.barrier()
+        total.append(time.perf_counter() - start)
+        overlapped_steps.append(step_times)
+        train_step()
+
+    steps_during = [t for times in overlapped_steps for t in times]
+    result = {
+        "config": config, "preset": cfg.model.preset, "world_size": info.world_size, "device": device.type,
+        "parameters": sum(p.numel() for p in model.parameters()), "checkpoint_gb": round(size_gb, 3),
+        "step_s": round(step_time, 4),
+        "sync_save_s": [round(t, 3) for t in sync_times],
+        "sync_gb_per_s": round(size_gb / min(sync_times), 3),
+        "async_blocked_s": [round(t, 3) for t in blocked],
+        "async_write_s": [round(t, 3) for t in total],
+        "steps_during_async_write": [len(times) for times in overlapped_steps],
+        "step_s_during_async_write": round(sum(steps_during) / len(steps_during), 4) if steps_during else None,
+    }
+    if rank0:
+        for key, value in result.items():
+            print(f"{key:>28}: {value}")
+        print(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
