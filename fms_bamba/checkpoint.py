@@ -436,8 +436,6 @@ class CheckpointManager:
         job_config: Any = None,
     ):
         _validate_config(cfg)
-        if cfg.init_from and not Path(cfg.init_from).exists():
-            raise FileNotFoundError(f"checkpoint.init_from: {cfg.init_from} does not exist")
         self.cfg = cfg
         self.folder = Path(run_dir) / cfg.folder
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
@@ -554,7 +552,7 @@ class CheckpointManager:
 
         Returns False when nothing was loaded (a fresh run).
         """
-        choice = [None]
+        choice: list = [None]  # rank 0's (checkpoint, resume?) or error, which every rank follows
         if self.rank == 0:
             for stale in self.folder.glob(f"step-*{TMP_SUFFIX}"):
                 logger.warning("removing uncommitted checkpoint %s", stale)
@@ -563,9 +561,14 @@ class CheckpointManager:
             if latest is not None:
                 choice = [(str(latest), True)]
             elif self.cfg.init_from:
-                choice = [(str(resolve_checkpoint(self.cfg.init_from)), False)]
-        if self.distributed:  # every rank loads what rank 0 found
+                try:
+                    choice = [(str(resolve_checkpoint(self.cfg.init_from)), False)]
+                except (OSError, ValueError) as e:
+                    choice = [f"checkpoint.init_from: {e}"]
+        if self.distributed:
             dist.broadcast_object_list(choice, src=0, group=self.cpu_group)
+        if isinstance(choice[0], str):
+            raise FileNotFoundError(choice[0])
         if choice[0] is None:
             return False
         path, resume = choice[0]

@@ -344,9 +344,15 @@ def test_config_errors_name_the_field(field, value, message):
         CheckpointConfig(**{field: value})
 
 
-def test_missing_init_from_fails_before_loading(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint.init_from"):
-        manager(tmp_path, build(), init_from=str(tmp_path / "nowhere"))
+def test_init_from_without_checkpoint_fails_clearly_unless_the_run_resumes(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint.init_from: .*nowhere: no such"):
+        manager(tmp_path, build(), init_from=str(tmp_path / "nowhere")).load()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="checkpoint.init_from: .*empty: holds no complete checkpoint"):
+        manager(tmp_path, build(), init_from=str(tmp_path / "empty")).load()
+    parts = build()
+    manager(tmp_path, parts, interval=1).save(1)
+    assert manager(tmp_path, build(), init_from=str(tmp_path / "nowhere")).load()  # its own checkpoint
 
 
 if __name__ == "__main__":
