@@ -4,7 +4,9 @@ input that fails fast with the reason in the job's log."""
 
 import json
 import os
+import re
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -60,23 +62,47 @@ def _read(log: Path) -> str:
     return log.read_text(errors="replace") if log.exists() else "(no log)"
 
 
-def test_sbatch_trains_and_checkpoints(slurm, tmp_path):
-    run_dir = tmp_path / "run"
-    job_id, log = _submit(slurm, tmp_path, "configs/tiny.yaml", f"--job.run_dir={run_dir}",
-                          "--training.steps=4", "--checkpoint.interval=2", *SMALL_RUN)
-    job = slurm.wait_job(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout_s=150)
-    assert job["JobState"] == "COMPLETED", _read(log)
-    assert job["Restarts"] == "0"
-    assert _logged_steps(run_dir) == [1, 2, 3, 4], _read(log)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all(record["tokens_seen"] > 0 and record["loss"] > 0 for record in records)
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_chained_stages_train_checkpoint_and_hand_over(slurm, tmp_path):
+    stage1_dir, stage2_dir = tmp_path / "stage1", tmp_path / "stage2"
+    env = {**slurm.env, "DEVICE": "cpu", "NPROC_PER_NODE": "2", "RDZV_PORT": str(_free_port())}
+    done = subprocess.run(
+        ["launch/slurm/chain_stages.sh", f"--output={tmp_path}/job-%j.out",
+         "configs/tiny.yaml", f"--job.run_dir={stage1_dir}", "--training.steps=4", "--checkpoint.interval=2",
+         *SMALL_RUN, "--",
+         "configs/tiny.yaml", f"--job.run_dir={stage2_dir}", "--training.steps=2", *SMALL_RUN],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    stage1_job, stage2_job = re.findall(r"stage \d: job (\d+)", done.stdout)
+    log1, log2 = tmp_path / f"job-{stage1_job}.out", tmp_path / f"job-{stage2_job}.out"
+
+    stage2 = slurm.wait_job(stage2_job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout_s=200)
+    stage1 = slurm.job(stage1_job)
+    assert stage1["JobState"] == "COMPLETED" and stage1["Restarts"] == "0", _read(log1)
+    assert stage2["JobState"] == "COMPLETED", _read(log2)
+    assert stage2["StartTime"] >= stage1["EndTime"]
+
+    # Stage 1 trained, logged every step and checkpointed every 2 steps.
+    first = _records(stage1_dir)
+    assert [record["step"] for record in first] == [1, 2, 3, 4], _read(log1)
+    assert all(record["tokens_seen"] > 0 and record["loss"] > 0 for record in first)
     for step in (2, 4):
-        meta = json.loads((run_dir / "checkpoints" / f"step-{step:08d}" / "meta.json").read_text())
+        meta = json.loads((stage1_dir / "checkpoints" / f"step-{step:08d}" / "meta.json").read_text())
         assert meta["step"] == step and meta["world_size"] == 2
+
+    # Stage 2 started at its own step 1 from stage 1's weights: on the same first batch (same data
+    # seed) its loss is well below that of the freshly initialised stage 1.
+    second = _records(stage2_dir)
+    assert [record["step"] for record in second] == [1, 2], _read(log2)
+    assert second[0]["loss"] < first[0]["loss"] - 0.3, (first[0], second[0])
+    assert f"init_from: {stage1_dir}" in (stage2_dir / "config.yaml").read_text()
 
 
 def test_preempted_job_saves_requeues_and_resumes(slurm, tmp_path):
-    run_dir, steps = tmp_path / "run", 40
+    run_dir, steps = tmp_path / "run", 30
     # No periodic checkpoint: the only one before the end is the one the preemption signal makes.
     job_id, log = _submit(slurm, tmp_path, "configs/tiny.yaml", f"--job.run_dir={run_dir}",
                           f"--training.steps={steps}", "--checkpoint.interval=100000", *SMALL_RUN)
@@ -84,7 +110,7 @@ def test_preempted_job_saves_requeues_and_resumes(slurm, tmp_path):
     while len(_logged_steps(run_dir)) < 2:
         assert slurm.job(job_id)["JobState"] in {"PENDING", "RUNNING"}, _read(log)
         assert time.monotonic() < deadline, f"job {job_id} logged no steps in time:\n{_read(log)}"
-        time.sleep(0.5)
+        time.sleep(0.2)
     slurm.run("scancel", "--signal=USR1", job_id)
 
     job = slurm.wait_job(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout_s=180)
