@@ -37,9 +37,14 @@ def random_doc_ids(seq_len: int, n_docs: int, device: torch.device) -> torch.Ten
     return starts.cumsum(0)[None].to(device)
 
 
-def single_layer_model(config: BambaConfig, attention: bool, device: torch.device, dtype: torch.dtype) -> Bamba:
+def single_layer_model(
+    config: BambaConfig, attention: bool, device: torch.device, dtype: torch.dtype, mixer_impl: str = "auto"
+) -> Bamba:
+    """One block (same seed, so same weights for every mixer_impl) and a toy vocabulary."""
     torch.manual_seed(0)
-    config = dataclasses.replace(config, n_layers=1, attn_layer_indices=(0,) if attention else (), vocab_size=256)
+    config = dataclasses.replace(
+        config, n_layers=1, attn_layer_indices=(0,) if attention else (), vocab_size=256, mixer_impl=mixer_impl
+    )
     with torch.device(device):
         model = Bamba(config)
     return model.to(dtype)
@@ -61,8 +66,7 @@ def check_kernels(config: BambaConfig, seq_len: int, device: torch.device, toler
         print("kernel path unavailable here: comparing the bf16 reference path only")
     ok = True
     for doc_masking in (False, True):
-        gold = single_layer_model(config, False, device, torch.float32).layers[0].mixer
-        gold.config = dataclasses.replace(gold.config, mixer_impl="reference")
+        gold = single_layer_model(config, False, device, torch.float32, "reference").layers[0].mixer
         paths = {"reference bf16": "reference"} | ({"kernels bf16": "kernels"} if have_kernels else {})
         x = torch.randn(2, seq_len, config.hidden_size, device=device)
         grad_out = torch.randn(2, seq_len, config.hidden_size, device=device)
@@ -72,8 +76,7 @@ def check_kernels(config: BambaConfig, seq_len: int, device: torch.device, toler
         print(f"{'tensor':<16}" + "".join(f"{name:>18}" for name in paths))
         rows = {"output": []} | {name: [] for name in grads_gold}
         for impl in paths.values():
-            mixer = single_layer_model(config, False, device, torch.bfloat16).layers[0].mixer
-            mixer.config = dataclasses.replace(mixer.config, mixer_impl=impl)
+            mixer = single_layer_model(config, False, device, torch.bfloat16, impl).layers[0].mixer
             out, grads = mixer_outputs_and_grads(mixer, x.bfloat16(), doc_ids, grad_out.bfloat16())
             rows["output"].append(relative_error(out, out_gold))
             for name in grads_gold:
@@ -106,28 +109,27 @@ def layer_timings(config: BambaConfig, seq_len: int, device: torch.device, iters
     print(f"\n## forward+backward per layer, seq {seq_len}, batch 1, bf16 (median of {iters})")
     x = torch.randn(1, seq_len, config.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
     doc_ids = random_doc_ids(seq_len, 4, device)
-    mamba_block = single_layer_model(config, False, device, torch.bfloat16).layers[0]
+    mamba_blocks = {impl: single_layer_model(config, False, device, torch.bfloat16, impl).layers[0] for impl in ("auto", "reference")}
     attention_block = single_layer_model(config, True, device, torch.bfloat16).layers[0]
 
-    def run(module, impl=None, docs=None):
-        if impl is not None:
-            module.config = dataclasses.replace(module.config, mixer_impl=impl)
+    def run(module, docs=None):
         return lambda: module(x, docs).sum().backward()
 
     cases = []
     if device.type == "cuda" and kernels_available():
         cases += [
-            ("Mamba-2 mixer, kernels", run(mamba_block.mixer, "kernels")),
-            ("Mamba-2 mixer, kernels, doc masking", run(mamba_block.mixer, "kernels", doc_ids)),
+            ("Mamba-2 mixer, kernels", run(mamba_blocks["auto"].mixer)),
+            ("Mamba-2 mixer, kernels, doc masking", run(mamba_blocks["auto"].mixer, doc_ids)),
         ]
     cases += [
-        ("Mamba-2 mixer, reference", run(mamba_block.mixer, "reference")),
+        ("Mamba-2 mixer, reference", run(mamba_blocks["reference"].mixer)),
+        ("Mamba-2 mixer, reference, doc masking", run(mamba_blocks["reference"].mixer, doc_ids)),
         ("attention mixer, SDPA causal", run(attention_block.mixer)),
-        ("attention mixer, SDPA doc masking", run(attention_block.mixer, docs=doc_ids)),
-        ("SwiGLU MLP", lambda: mamba_block.mlp(x).sum().backward()),
+        ("attention mixer, SDPA doc masking", run(attention_block.mixer, doc_ids)),
+        ("SwiGLU MLP", lambda: attention_block.mlp(x).sum().backward()),
+        ("Mamba-2 block (auto)", run(mamba_blocks["auto"])),
+        ("attention block", run(attention_block)),
     ]
-    mamba_block.mixer.config = dataclasses.replace(mamba_block.mixer.config, mixer_impl="auto")
-    cases += [("Mamba-2 block (auto)", run(mamba_block)), ("attention block", run(attention_block))]
     for name, fn in cases:
         print(f"{name:<40} {time_fwd_bwd(fn, device, iters):9.2f} ms")
 
