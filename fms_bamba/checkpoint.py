@@ -77,7 +77,7 @@ class CheckpointConfig:
     keep_last: int = 3
     """Committed checkpoints to keep (older ones are deleted); 0 keeps all."""
     async_mode: str = "disabled"
-    """"disabled": training waits for the write; "async": the write overlaps training."""
+    """Write mode: "disabled" (training waits for the write) | "async" (the write overlaps training)."""
     init_from: str = ""
     """When the run dir has no checkpoint: a checkpoint dir, or a run dir whose latest complete
     checkpoint is used, to start from."""

@@ -168,7 +168,10 @@ def worker(run_dir: Path) -> None:
     train_step(*async_parts, rank=rank)
     before = full_state(*async_parts[:2])
     async_ckpt.save(1)
-    train_step(*async_parts, rank=rank)  # changes the weights while the write may be in flight
+    with torch.no_grad():  # at once, before the background write can have read the weights
+        for param in async_parts[0].parameters():
+            param.add_(1.0)
+    train_step(*async_parts, rank=rank)
     async_ckpt.save(2)  # waits for the first write, commits it, starts the second
     async_ckpt.close()
     if rank == 0:
