@@ -69,6 +69,19 @@ def test_several_nodes_need_a_rendezvous_endpoint():
     assert done.returncode == 2 and "NNODES=2 needs RDZV_ENDPOINT" in done.stderr
 
 
+@pytest.mark.parametrize("args, reason", [
+    (["configs/tiny.yaml", "configs/tiny.yaml"], "no '--' before the stage 2 config"),
+    (["configs/tiny.yaml", "--"], "usage: launch/slurm/chain_stages.sh"),
+    (["configs/tiny.yaml", "--", "configs/no-such-stage2.yaml"],
+     "stage 2 config file not found: configs/no-such-stage2.yaml"),
+    (["configs/tiny.yaml", "--training.stepz=3", "--", "configs/tiny.yaml"], "stage 1: "),
+])
+def test_chain_stages_rejects_bad_input_before_submitting(args, reason):
+    done = subprocess.run([str(REPO / "launch" / "slurm" / "chain_stages.sh"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and reason in done.stderr
+
+
 @pytest.mark.slow
 def test_unreachable_rendezvous_times_out():
     start = time.monotonic()

@@ -49,7 +49,8 @@ try:
         run_dir = load_job_config(config, [item.removeprefix("--") for item in overrides]).job.run_dir
         print(Path(run_dir).resolve())
 except ConfigError as err:
-    sys.exit(f"chain_stages.sh: error: stage {number}: {err}")
+    print(f"chain_stages.sh: error: stage {number}: {err}", file=sys.stderr)
+    sys.exit(2)
 EOF
 )
 stage1_run_dir=$(sed -n 1p <<<"$run_dirs")
