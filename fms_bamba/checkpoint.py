@@ -154,6 +154,10 @@ def read_dcp_metadata(ckpt_dir: str | os.PathLike) -> Metadata:
         metadata = _SafeUnpickler(f, path).load()
     if not isinstance(metadata, Metadata):
         raise UnsafeCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
+    for item in (metadata.storage_data or {}).values():  # data files must lie in the checkpoint dir
+        relative = getattr(item, "relative_path", "")
+        if not isinstance(relative, str) or Path(relative).name != relative or relative in ("", ".", ".."):
+            raise UnsafeCheckpointError(f"{path}: data file {relative!r} is not a file of the checkpoint")
     return metadata
 
 

@@ -335,6 +335,16 @@ def test_restricted_unpickler_refuses_foreign_objects(tmp_path, monkeypatch):
         read_dcp_metadata(ckpt)
 
 
+def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "step-00000001", {"model.w": torch.zeros(2)}, {"step": 1})
+    metadata = read_dcp_metadata(ckpt)
+    for item in metadata.storage_data.values():
+        item.relative_path = "../../elsewhere.distcp"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UnsafeCheckpointError, match="elsewhere.distcp"):
+        load_tensors(ckpt)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("interval", 0, "checkpoint.interval"),
     ("keep_last", -1, "checkpoint.keep_last"),
