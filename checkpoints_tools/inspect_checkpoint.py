@@ -77,7 +77,8 @@ def describe(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint, run directory or checkpoints folder")
-    if (path / META_FILE).exists() or (path / DCP_METADATA_FILE).exists():
+    is_checkpoint = (path / META_FILE).exists() or (path / DCP_METADATA_FILE).exists()
+    if is_checkpoint or any(c.path == path for c in list_checkpoints(path.parent)):  # or a step-N(.tmp) dir
         return {"checkpoint": describe_checkpoint(path)}
     found = list_checkpoints(path)
     if not found:

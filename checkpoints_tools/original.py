@@ -211,12 +211,11 @@ def _open_dcp(path: Path) -> OriginalSource:
     keys = [k for k in saved if k.startswith(prefix) and not k.startswith("optimizer_state.")]
     names = {key: _clean(key.removeprefix(prefix)) for key in keys}
     info = {"format": "mamba-ssm DCP", "path": str(path)}
-    metadata_file = path / "metadata.pth"  # fms-fsdp's step counter, torch.save'd by rank 0
+    metadata_file = path / "metadata.pth"  # fms-fsdp's counters, torch.save'd by rank 0
     if metadata_file.is_file():
         try:
-            step = safe_torch_load(metadata_file).get("step")
-            if isinstance(step, int):
-                info["step"] = step
+            counters = safe_torch_load(metadata_file)
+            info.update({key: counters[key] for key in ("step", "tokens_seen") if isinstance(counters.get(key), int)})
         except (ValueError, AttributeError, RuntimeError) as err:
             logger.warning("ignoring %s: %s", metadata_file, err)
     return OriginalSource({names[k]: saved[k][0] for k in keys},

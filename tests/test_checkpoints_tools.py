@@ -98,6 +98,13 @@ def test_export_hf_loads_in_transformers_and_imports_back(model, framework_ckpt,
     assert read_meta(back)["model_config"]["hidden_size"] == model.config.hidden_size
 
 
+def test_python_m_entry_point(framework_ckpt):
+    result = subprocess.run([sys.executable, "-m", "checkpoints_tools", "inspect", str(framework_ckpt)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout and "imported from  format test" in result.stdout
+
+
 def test_imported_checkpoint_seeds_the_trainer(model, framework_ckpt, tmp_path):
     """The trainer's CheckpointManager takes an import as init_from with init_load=model."""
     from fms_bamba.checkpoint import CheckpointConfig, CheckpointManager
@@ -218,6 +225,7 @@ def test_original_file_to_framework_to_hf(model, original_file, tmp_path):
     assert_logits_match(model, hf_dir)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_original_dcp_directory(model, original_file, tmp_path):
     """fms-fsdp's sharded layout: DCP keys "model_state.<name>" beside "optimizer_state.…"."""
     src = tmp_path / "step_1234_ckp"
@@ -326,6 +334,12 @@ def test_inspect_says_a_checkpoint_is_incomplete(two_process_run, tmp_path, caps
     assert "status        complete" in capsys.readouterr().out
     assert ckpt(["consolidate", broken, tmp_path / "m.safetensors"]) == 2
     assert "incomplete checkpoint" in capsys.readouterr().err
+    unfinished = run / "checkpoints" / "step-00000006.tmp"
+    shutil.copytree(run / "checkpoints" / "step-00000002", unfinished)
+    (unfinished / "meta.json").unlink()
+    assert ckpt(["inspect", unfinished]) == 1
+    assert "INCOMPLETE: never committed (still named .tmp)" in capsys.readouterr().out
+    shutil.rmtree(unfinished)
     (run / "checkpoints" / "step-00000002" / "meta.json").unlink()  # as if killed before the commit
     assert ckpt(["inspect", run]) == 1
     assert "no meta.json" in capsys.readouterr().out
@@ -412,6 +426,7 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_files_that_need_arbitrary_unpickling_are_refused(model, original_file, tmp_path, capsys):
     marker = tmp_path / "code-ran"
     torch.save({"model_state": to_mamba_ssm(model), "extra": Payload(marker)}, tmp_path / "consolidated.00.pth")
