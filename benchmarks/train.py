@@ -1,0 +1,104 @@
+"""Trainer throughput on synthetic tokens: tokens/s per GPU, MFU, step time and peak memory.
+
+    python benchmarks/train.py --preset bamba-1b                       # one GPU
+    torchrun --nproc_per_node=8 benchmarks/train.py --preset bamba-9b --activation-checkpoint full
+    python benchmarks/train.py --preset tiny --seq-len 256 --micro-batch-size 8 --steps 20   # CPU
+
+Runs the real trainer (`fms_bamba.train.train`) with checkpointing off on a corpus of random
+token ids (written once as a Parquet shard under --workdir), logs every --log-interval steps and
+averages the records after the first (which holds start-up and compilation). Extra job-config
+overrides go after --set, e.g. `--set parallelism.compile=true training.dtype=float32`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fms_bamba.config import load_job_config
+from fms_bamba.model import BambaConfig
+from fms_bamba.train import train
+
+SHARD_NAME = "shard-0000.parquet"
+
+
+def write_synthetic_dataset(directory: Path, vocab_size: int, documents: int = 512, seed: int = 0) -> Path:
+    """One Parquet shard of random documents (~1M tokens); the loader cycles it in new orders."""
+    shard = directory / f"random-{vocab_size}" / SHARD_NAME
+    if shard.exists():
+        return shard.parent
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(256, 3840, documents)
+    tokens = [rng.integers(0, vocab_size, length, dtype=np.uint32) for length in lengths]
+    tmp = shard.with_name(f"{shard.name}.tmp-{os.getpid()}")
+    pq.write_table(pa.table({"tokens": pa.array(tokens, type=pa.list_(pa.uint32()))}), tmp)
+    tmp.rename(shard)
+    return shard.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="bamba-1b")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--log-interval", type=int, default=5)
+    parser.add_argument("--activation-checkpoint", default="none")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--workdir", default="/tmp/fms-bamba-bench")
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir)
+    rank = int(os.environ.get("RANK", 0))
+    vocab_size = BambaConfig.from_preset(args.preset).vocab_size
+    if rank == 0:
+        dataset = write_synthetic_dataset(workdir, vocab_size)
+    else:  # other ranks wait for rank 0's rename; no process group exists yet
+        dataset = workdir / f"random-{vocab_size}"
+        while not (dataset / SHARD_NAME).exists():
+            time.sleep(0.5)
+    overrides = [
+        f"job.run_dir={workdir / 'run'}", f"model.preset={args.preset}",
+        f"data.root={workdir}", f"data.datasets=[{dataset.name}]", "data.num_workers=2",
+        f"training.seq_len={args.seq_len}", f"training.micro_batch_size={args.micro_batch_size}",
+        f"training.steps={args.steps}", f"lr_scheduler.warmup_steps={min(5, args.steps)}",
+        "optimizer.lr=3e-4", "lr_scheduler.min_lr=3e-5",
+        f"parallelism.activation_checkpoint={args.activation_checkpoint}", f"parallelism.compile={args.compile}",
+        "checkpoint.enable=false", f"metrics.log_interval={args.log_interval}", "metrics.progress_bar=false",
+        *args.set,
+    ]
+    cfg = load_job_config(None, overrides)
+    metrics = Path(cfg.job.run_dir) / "metrics.jsonl"
+    if rank == 0 and metrics.exists():
+        metrics.unlink()  # a fresh run each time: no resume, no stale records
+    train(cfg)
+    if rank != 0:
+        return
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines()][1:]
+    if not records:
+        raise SystemExit(f"no steady-state records: raise --steps above {args.log_interval}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    tokens_per_sec_per_gpu = float(np.mean([r["tokens_per_sec_per_gpu"] for r in records]))
+    tokens_per_step = records[-1]["tokens_seen"] // records[-1]["step"]
+    mfu = [r["mfu"] for r in records if r["mfu"] is not None]
+    print(f"preset {args.preset}, {world_size} device(s), seq {args.seq_len} x micro-batch {args.micro_batch_size}, "
+          f"{tokens_per_step:,} tokens per step, activation checkpointing {args.activation_checkpoint}, "
+          f"compile {args.compile}")
+    print(f"step time: {tokens_per_step / (tokens_per_sec_per_gpu * world_size):.3f} s")
+    print(f"tokens/s/GPU: {tokens_per_sec_per_gpu:,.0f}")
+    print(f"MFU: {float(np.mean(mfu)):.1%}" if mfu else "MFU: unknown device peak (set --set metrics.peak_tflops=N)")
+    print(f"peak memory: {max(r['mem_gib'] for r in records):.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
