@@ -33,9 +33,13 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}") from None
 
 
+def output_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """`dtype` for floating-point tensors; integer state (counters) and dtype=None keep `stored`."""
+    return dtype if dtype is not None and stored.is_floating_point else stored
+
+
 def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """`tensor` in `dtype` when it is floating point (integer state such as counters keeps its own)."""
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return tensor.to(output_dtype(tensor.dtype, dtype))
 
 
 def check_output(path: Path, overwrite: bool) -> None:

@@ -21,6 +21,7 @@ from checkpoints_tools.common import (
     check_shapes,
     model_config_of,
     model_shapes,
+    output_dtype,
     replacing,
     write_model_checkpoint,
 )
@@ -71,12 +72,10 @@ def find_tokenizer(ckpt_dir: Path) -> Path | None:
     return tokenizer if (run_dir / "config.yaml").is_file() and tokenizer.is_dir() else None
 
 
-def copy_tokenizer(source: Path, out: Path) -> list[str]:
+def copy_tokenizer(source: Path, out: Path) -> None:
     """Copy a tokenizer file, or every file of a tokenizer folder, into `out`."""
-    files = [source] if source.is_file() else sorted(f for f in source.iterdir() if f.is_file())
-    for file in files:
+    for file in [source] if source.is_file() else sorted(f for f in source.iterdir() if f.is_file()):
         shutil.copy2(file, out / file.name)
-    return [file.name for file in files]
 
 
 def export_hf(
@@ -102,9 +101,8 @@ def export_hf(
     check_shapes({key.removeprefix("model."): shape for key, (shape, _) in stored.items()},
                  model_shapes(config), str(ckpt_dir))
     layout = hf_layout(config)
-    out_dtype = {name: dtype if dtype is not None and stored[f"model.{name}"][1].is_floating_point
-                 else stored[f"model.{name}"][1] for name in layout}
-    sizes = {name: shape.numel() * out_dtype[name].itemsize for name, (_, shape) in layout.items()}
+    sizes = {name: shape.numel() * output_dtype(stored[f"model.{name}"][1], dtype).itemsize
+             for name, (_, shape) in layout.items()}
     shards = plan_shards(sizes, max_bytes)
     tokenizer_source = Path(tokenizer) if tokenizer is not None else find_tokenizer(ckpt_dir)
 
@@ -119,7 +117,6 @@ def export_hf(
                 tensors[hf_name] = cast(tensor, dtype).reshape(hf_shape).contiguous()
                 weight_map[hf_name] = file
             save_file(tensors, scratch / file, metadata={"format": "pt"})
-            del tensors
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         (scratch / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (scratch / "config.json").write_text(json.dumps(hf_mapping.config_to_hf(config), indent=2) + "\n")
