@@ -75,6 +75,8 @@ def describe(path: str | os.PathLike) -> dict:
     """A checkpoint directory's description, or for a run dir / checkpoints folder every
     checkpoint's status and the description of the latest complete one (else the newest)."""
     path = Path(path)
+    if path.is_file():
+        raise ValueError(f"{path}: a file; a checkpoint, run directory or checkpoints folder is a directory")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint, run directory or checkpoints folder")
     is_checkpoint = (path / META_FILE).exists() or (path / DCP_METADATA_FILE).exists()

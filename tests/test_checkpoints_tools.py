@@ -356,8 +356,11 @@ def error_of(args: list, capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_not_a_checkpoint(tmp_path, capsys):
+def test_not_a_checkpoint(framework_ckpt, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    assert "a file" in error_of(["inspect", framework_ckpt / "meta.json"], capsys)
+    assert "holds no optimizer state" in error_of(
+        ["consolidate", framework_ckpt, tmp_path / "m.pt", "--optimizer"], capsys)
     assert "holds no complete checkpoint" in error_of(["consolidate", tmp_path / "empty", tmp_path / "m.pt"], capsys)
     assert "not a checkpoint" in error_of(["inspect", tmp_path / "empty"], capsys)
     assert "no such" in error_of(["export-hf", tmp_path / "missing", tmp_path / "hf"], capsys)
