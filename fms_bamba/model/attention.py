@@ -38,13 +38,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, config.n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * head_dim, config.hidden_size, bias=False)
-        if config.attn_impl == "flash":
-            flash_attn_func()  # fail now, naming the missing package
+        # resolved here so torch.compile never traces imports; "flash" without flash-attn fails now
+        wants_flash = config.attn_impl == "flash" or (config.attn_impl == "auto" and flash_attn_available())
+        self.flash = flash_attn_func() if wants_flash else None
 
     def use_flash(self, x: torch.Tensor, doc_ids: torch.Tensor | None) -> bool:
-        if self.config.attn_impl == "flash":
-            return True
-        return self.config.attn_impl == "auto" and doc_ids is None and x.is_cuda and flash_attn_available()
+        # flash-attn here is causal only: doc-masked batches take SDPA
+        return self.flash is not None and x.is_cuda and doc_ids is None
 
     def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
@@ -58,7 +58,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [b, heads, s, head_dim]
         if self.use_flash(hidden, doc_ids):
             # flash-attn path: unexercised in this repository's tests (no flash-attn build here)
-            out = flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            out = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         else:
             mask = None
             if doc_ids is not None:

@@ -44,29 +44,35 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(n_heads))
         self.norm = GatedRMSNorm(d_inner, config.mamba_n_groups, config.norm_eps)
         self.out_proj = nn.Linear(d_inner, config.hidden_size, bias=False)
-        if config.mixer_impl == "kernels":
-            mamba_split_conv1d_scan()  # fail now, naming the missing package
+        # resolved here rather than in forward, so torch.compile never traces the import machinery;
+        # "kernels" without the packages fails now, naming the missing one
+        wants_kernels = config.mixer_impl == "kernels" or (config.mixer_impl == "auto" and kernels_available())
+        self.fused_scan = mamba_split_conv1d_scan() if wants_kernels else None
 
     def use_kernels(self, x: torch.Tensor) -> bool:
-        if self.config.mixer_impl == "kernels":
-            if not x.is_cuda:
-                raise RuntimeError(f"mixer_impl='kernels' runs on CUDA tensors only, got {x.device}")
-            return True
-        return self.config.mixer_impl == "auto" and x.is_cuda and kernels_available()
+        if self.fused_scan is not None and not x.is_cuda and self.config.mixer_impl == "kernels":
+            raise RuntimeError(f"mixer_impl='kernels' runs on CUDA tensors only, got {x.device}")
+        return self.fused_scan is not None and x.is_cuda
+
+    @torch.compiler.disable  # a Triton autograd.Function: run as is, outside compiled graphs
+    def fused_forward(self, zxbcdt: torch.Tensor, A: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """conv + SSD scan + gated norm + out_proj in mamba-ssm's kernels; doc_ids as seq_idx."""
+        cfg = self.config
+        return self.fused_scan(
+            zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, A, self.D,
+            chunk_size=cfg.mamba_chunk_size,
+            seq_idx=None if doc_ids is None else doc_ids.to(torch.int32),
+            activation="silu", rmsnorm_weight=self.norm.weight, rmsnorm_eps=cfg.norm_eps,
+            outproj_weight=self.out_proj.weight, headdim=cfg.mamba_head_dim,
+            ngroups=cfg.mamba_n_groups, norm_before_gate=False,
+        )
 
     def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         zxbcdt = self.in_proj(hidden)  # [b, s, d_inner + conv_dim + n_heads]
         A = -torch.exp(self.A_log.float())  # [n_heads], negative: the state decays
         if self.use_kernels(hidden):
-            return mamba_split_conv1d_scan()(
-                zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, A, self.D,
-                chunk_size=cfg.mamba_chunk_size,
-                seq_idx=None if doc_ids is None else doc_ids.to(torch.int32),
-                activation="silu", rmsnorm_weight=self.norm.weight, rmsnorm_eps=cfg.norm_eps,
-                outproj_weight=self.out_proj.weight, headdim=cfg.mamba_head_dim,
-                ngroups=cfg.mamba_n_groups, norm_before_gate=False,
-            )
+            return self.fused_forward(zxbcdt, A, doc_ids)
         z, xBC, dt = zxbcdt.split([cfg.mamba_d_inner, cfg.mamba_conv_dim, cfg.mamba_n_heads], dim=-1)
         xBC = F.silu(causal_conv1d(xBC, self.conv_weight, self.conv_bias, doc_ids))
         x, B, C = xBC.split([cfg.mamba_d_inner, self.bc_dim, self.bc_dim], dim=-1)
