@@ -109,12 +109,12 @@ def config_from_original(cfg: dict, source: str) -> BambaConfig:
         if not isinstance(n_heads, int):
             raise ValueError(f"{source}: attn_cfg.num_heads is missing")
         head_dim = d_model // n_heads
-        attention = {"causal": True, "qkv_proj_bias": False, "out_proj_bias": False, "d_conv": 0,
-                     "rotary_emb_interleaved": False, "mlp_dim": 0, "rotary_emb_dim": head_dim // 2}
-        mha_defaults = {"causal": False, "qkv_proj_bias": True, "out_proj_bias": True, "d_conv": 0,
-                        "rotary_emb_interleaved": False, "mlp_dim": 0, "rotary_emb_dim": 0}
-        for name, wanted in attention.items():
-            value = attn.get(name, mha_defaults[name])
+        # MHA setting: (mamba-ssm's default, Bamba's attention)
+        attention = {"causal": (False, True), "qkv_proj_bias": (True, False), "out_proj_bias": (True, False),
+                     "d_conv": (0, 0), "rotary_emb_interleaved": (False, False), "mlp_dim": (0, 0),
+                     "rotary_emb_dim": (0, head_dim // 2)}
+        for name, (default, wanted) in attention.items():
+            value = attn.get(name, default)
             require(value == wanted, f"attn_cfg.{name}", value, repr(wanted))
         require(attn.get("head_dim") in (None, head_dim), "attn_cfg.head_dim", attn.get("head_dim"),
                 f"d_model // num_heads = {head_dim}")
