@@ -116,6 +116,8 @@ def test_loss_is_chunked_mean_cross_entropy_with_ignored_labels():
     torch.testing.assert_close(grad_chunked, grad_full)
     single_chunk = make_model(loss_chunk_tokens=4096)
     torch.testing.assert_close(single_chunk(ids, labels=labels), expected)
+    nothing = model(ids, labels=torch.full_like(labels, -100))
+    assert nothing.item() == 0.0
 
 
 def test_init_follows_the_original_trainer():
@@ -213,6 +215,10 @@ def test_token_id_outside_vocab_is_a_clear_error():
         model(torch.tensor([[1, 4096, 2]]))
     with pytest.raises(ValueError, match="token id -1 is outside"):
         model(torch.tensor([[1, -1]]))
+    # the trainer turns the check off when its loader validates ids; then embedding raises
+    unchecked = make_model(check_token_ids=False)
+    with pytest.raises(IndexError):
+        unchecked(torch.tensor([[1, 4096, 2]]))
 
 
 def test_bad_forward_inputs():

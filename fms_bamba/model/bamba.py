@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fms_bamba.model import hf_mapping
 from fms_bamba.model.attention import Attention
 from fms_bamba.model.config import BambaConfig
 from fms_bamba.model.mamba2 import GatedRMSNorm, Mamba2Mixer
@@ -144,7 +145,7 @@ class Bamba(nn.Module):
         if cfg.doc_masking and doc_ids is None:
             raise ValueError("BambaConfig.doc_masking is on but forward got no doc_ids")
         if cfg.check_token_ids and input_ids.numel():
-            low, high = input_ids.min().item(), input_ids.max().item()
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync
             if low < 0 or high >= cfg.vocab_size:
                 raise ValueError(
                     f"token id {high if high >= cfg.vocab_size else low} is outside the vocabulary "
@@ -155,8 +156,6 @@ class Bamba(nn.Module):
     def from_hf(cls, path: str | Path, *, dtype: torch.dtype | None = None, **config_overrides) -> Bamba:
         """Load a transformers Bamba folder (config.json + safetensors, single or sharded).
         dtype=None keeps the stored dtype."""
-        from fms_bamba.model import hf_mapping
-
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
