@@ -3,7 +3,7 @@
 torchrun exits with status 1 whenever a worker exits non-zero, so a Slurm job could not tell
 workers that saved a checkpoint and stopped for preemption (status EXIT_PREEMPTED: requeue the
 job) from a crash (do not). This runs torchrun's own agent with torchrun's arguments and exits
-with EXIT_PREEMPTED when every worker that stopped early did so for preemption.
+with EXIT_PREEMPTED when workers stopped for preemption and none failed.
 
 The agent ignores SIGUSR1. Slurm delivers a job step's signals to every process of the step,
 workers included; torchrun does not handle SIGUSR1, would die of it, and its workers would be
@@ -29,8 +29,12 @@ def main(argv: list[str]) -> int:
         run(args)
     except ChildFailedError as failed:
         print(failed, file=sys.stderr)
-        exit_codes = {failure.exitcode for failure in failed.failures.values()}
-        return EXIT_PREEMPTED if exit_codes == {EXIT_PREEMPTED} else 1
+        exit_codes = [failure.exitcode for failure in failed.failures.values()]
+        # Once one worker has exited, the agent stops the others with SIGTERM: a negative status
+        # (death by a signal) is its doing; any other status is a failure of the worker's own.
+        preempted = EXIT_PREEMPTED in exit_codes and all(
+            code == EXIT_PREEMPTED or code < 0 for code in exit_codes)
+        return EXIT_PREEMPTED if preempted else 1
     except RendezvousError as err:
         reason = " ".join(str(part) for part in (err, err.__cause__) if part)
         print(f"torchrun: error: the rendezvous at {args.rdzv_endpoint} failed: {type(err).__name__} {reason}\n"

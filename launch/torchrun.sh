@@ -26,6 +26,8 @@ shift
 [[ -f $config ]] || die "config file not found: $config"
 command -v fms-bamba >/dev/null || die "fms-bamba is not on PATH (pip install -e . in the repository)"
 
+[[ ${NPROC_PER_NODE:-1} =~ ^[1-9][0-9]*$ ]] ||
+    die "NPROC_PER_NODE must be a positive integer, got '$NPROC_PER_NODE'"
 device_override=()
 if [[ -n ${DEVICE:-} ]]; then
     [[ $DEVICE == cuda || $DEVICE == cpu ]] || die "DEVICE must be cuda or cpu, got '$DEVICE'"
@@ -46,7 +48,6 @@ else
     default_nproc=$((visible_gpus > 0 ? visible_gpus : 1))
     nproc=${NPROC_PER_NODE:-$default_nproc}
 fi
-[[ $nproc =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE must be a positive integer, got '$nproc'"
 
 nnodes=${NNODES:-1}
 rdzv_timeout=${RDZV_TIMEOUT:-300}

@@ -52,6 +52,11 @@ def test_no_config_is_a_usage_error():
     assert done.returncode == 2 and "usage: launch/torchrun.sh CONFIG" in done.stderr
 
 
+def test_bad_process_count_is_named():
+    done = _launch("configs/tiny.yaml", timeout_s=10, DEVICE="cpu", NPROC_PER_NODE="two")
+    assert done.returncode == 2 and "NPROC_PER_NODE must be a positive integer, got 'two'" in done.stderr
+
+
 def test_bad_device_is_named():
     done = _launch("configs/tiny.yaml", timeout_s=10, DEVICE="tpu")
     assert done.returncode == 2 and "DEVICE must be cuda or cpu, got 'tpu'" in done.stderr
