@@ -477,8 +477,9 @@ class CheckpointManager:
             future = dcp.async_save(state, checkpoint_id=tmp_dir, process_group=self.cpu_group,
                                     no_dist=not self.distributed)
             self.pending = (future, tmp_dir, final_dir, meta)
-            logger.info("checkpoint step %d: training blocked %.2fs by the async save",
-                        step, time.perf_counter() - start)
+            if self.rank == 0:
+                logger.info("checkpoint step %d: training blocked %.2fs by the async save",
+                            step, time.perf_counter() - start)
         else:
             _dcp_save(state, tmp_dir, distributed=self.distributed)
             # DCP's final gather already follows every rank's write; the barrier makes it explicit.
@@ -486,7 +487,7 @@ class CheckpointManager:
             if self.rank == 0:
                 _commit(tmp_dir, final_dir, meta)
                 self._prune()
-            logger.info("checkpoint step %d: saved in %.2fs", step, time.perf_counter() - start)
+                logger.info("checkpoint step %d: saved in %.2fs", step, time.perf_counter() - start)
         self.last_saved_step = step
 
     @property
@@ -576,12 +577,11 @@ class CheckpointManager:
         if choice[0] is None:
             return False
         path, resume = choice[0]
+        if self.rank == 0:
+            logger.info("resuming from %s" if resume else "initialising from %s", path)
         if resume:
-            logger.info("resuming from %s", path)
             self._load(Path(path), parts=("model", "optimizer", "data"), keep_step=True, resume=True)
         else:
-            logger.info("initialising from %s (%s, %s step)", path, self.cfg.init_load,
-                        "keeping its" if self.cfg.init_keep_step else "resetting the")
             self._load(Path(path), parts=INIT_LOAD_PARTS[self.cfg.init_load],
                        keep_step=self.cfg.init_keep_step, resume=False)
         return True
@@ -634,9 +634,10 @@ class CheckpointManager:
                 if name not in meta:
                     absent(f"{name} in meta.json", "init_keep_step")
             if "trainer_state" in meta:
-                own_run = {} if resume else {k: v for k, v in self.trainer_state.state_dict().items()
-                                             if k == "wandb_run_id"}  # another run's W&B id is not ours
-                self.trainer_state.load_state_dict({**meta["trainer_state"], **own_run})
+                counters, own = dict(meta["trainer_state"]), self.trainer_state.state_dict()
+                if not resume and "wandb_run_id" in own:  # another run's W&B id is not ours
+                    counters["wandb_run_id"] = own["wandb_run_id"]
+                self.trainer_state.load_state_dict(counters)
             if "lr_scheduler" in meta:
                 self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
                 self._sync_lr_to_schedule()
@@ -647,7 +648,7 @@ class CheckpointManager:
                 absent("data loader state in meta.json", "init_load")
         if load_rng:
             _set_rng_state(_strip(state, f"rng.rank{self.rank}."))
-        if meta.get("world_size", self.world_size) != self.world_size:
+        if self.rank == 0 and meta.get("world_size", self.world_size) != self.world_size:
             logger.info("%s was saved by %s ranks, loaded on %d: model and optimizer resharded",
                         ckpt, meta["world_size"], self.world_size)
 
