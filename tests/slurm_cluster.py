@@ -113,15 +113,18 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         """Start the daemons in the foreground (so stop() can end them by pid); wait for the node."""
         self._write_config()
         key = self.root / "munge.key"
+        key.touch(mode=0o600)
         key.write_bytes(os.urandom(128))
-        key.chmod(0o600)
         self._spawn("munged", "--foreground", f"--socket={self.socket}", f"--key-file={key}",
                     f"--pid-file={self.root}/munged.pid", f"--log-file={self.root}/log/munged.log",
                     f"--seed-file={self.root}/munged.seed")
-        self._wait(lambda: self.socket.exists(), timeout_s, "munged's socket")
-        self._spawn("slurmctld", "-D", "-i")
-        self._spawn("slurmd", "-D", "-N", self.node)
-        self._wait(lambda: self.node_state().startswith("IDLE"), timeout_s, f"node {self.node} to be idle")
+        try:
+            self._wait(lambda: self.socket.exists(), timeout_s, "munged's socket")
+            self._spawn("slurmctld", "-D", "-i")
+            self._spawn("slurmd", "-D", "-N", self.node)
+            self._wait(lambda: self.node_state().startswith("IDLE"), timeout_s, f"node {self.node} to be idle")
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}\n{self.logs()}") from None
 
     def stop(self) -> None:
         """Cancel every job, wait for them to go, then end the daemons this object started."""
