@@ -37,7 +37,8 @@ def main(argv: list[str]) -> int:
         return EXIT_PREEMPTED if preempted else 1
     except RendezvousError as err:
         reason = " ".join(str(part) for part in (err, err.__cause__) if part)
-        print(f"torchrun: error: the rendezvous at {args.rdzv_endpoint} failed: {type(err).__name__} {reason}\n"
+        print(f"torchrun: error: the rendezvous at {args.rdzv_endpoint} failed: "
+              f"{type(err).__name__} {reason}\n"
               f"torchrun: are all {args.nnodes} nodes up, and can they reach that port?", file=sys.stderr)
         return 1
     return 0

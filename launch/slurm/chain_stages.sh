@@ -16,7 +16,8 @@ die() {
     echo "chain_stages.sh: error: $*" >&2
     exit 2
 }
-usage="usage: launch/slurm/chain_stages.sh [SBATCH_OPTION ...] STAGE1_CONFIG [OVERRIDE ...] -- STAGE2_CONFIG [OVERRIDE ...]"
+usage="usage: launch/slurm/chain_stages.sh [SBATCH_OPTION ...] STAGE1_CONFIG [OVERRIDE ...] \
+-- STAGE2_CONFIG [OVERRIDE ...]"
 
 [[ -f launch/slurm/train.sbatch ]] || die "run from the repository root (launch/slurm/train.sbatch not found)"
 sbatch_options=()
@@ -64,4 +65,5 @@ stage2_job=$(sbatch --parsable "${sbatch_options[@]}" --job-name=stage2 \
     launch/slurm/train.sbatch "${stage2[0]}" --checkpoint.init_from="$stage1_run_dir" "${stage2[@]:1}")
 stage2_job=${stage2_job%%;*}
 echo "stage 1: job $stage1_job, run dir $stage1_run_dir"
-echo "stage 2: job $stage2_job, run dir $stage2_run_dir, starts from stage 1's latest checkpoint once job $stage1_job completes"
+echo "stage 2: job $stage2_job, run dir $stage2_run_dir," \
+    "starts from stage 1's latest checkpoint once job $stage1_job completes"
