@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from data_loader import build_dataloader
@@ -56,17 +57,28 @@ class TrainerState:
     """The W&B run this job logs to, so a resumed job continues it."""
 
     def __post_init__(self) -> None:
-        # Skips counted on the device since the last read, so a step needs no host sync.
-        self._skips_on_device: torch.Tensor | None = None
+        # Counted on the device between reads, so that a step needs no host sync: skips not yet
+        # folded into skipped_steps, the current run of skips, and the longest run since last read.
+        self._new_skips: torch.Tensor | int = 0
+        self._streak: torch.Tensor | int = 0
+        self._longest_streak: torch.Tensor | int = 0
 
-    def count_skip(self, skipped: torch.Tensor) -> None:
-        self._skips_on_device = skipped.long() if self._skips_on_device is None else self._skips_on_device + skipped
+    def record_step(self, skipped: torch.Tensor) -> None:
+        """Count one optimizer step; `skipped` is a device bool."""
+        skipped = skipped.long()
+        self._new_skips = self._new_skips + skipped
+        self._streak = (self._streak + 1) * skipped
+        self._longest_streak = torch.where(self._streak > self._longest_streak, self._streak, self._longest_streak)
 
     def sync(self) -> None:
         """Fold the device-side skip count into `skipped_steps` (waits for the device)."""
-        if self._skips_on_device is not None:
-            self.skipped_steps += int(self._skips_on_device.item())
-            self._skips_on_device = None
+        self.skipped_steps += int(self._new_skips)
+        self._new_skips = 0
+
+    def longest_skip_streak(self) -> int:
+        """The longest run of consecutive skipped steps since the last call (waits for the device)."""
+        longest, self._longest_streak = int(self._longest_streak), self._streak
+        return longest
 
     def state_dict(self) -> dict:
         self.sync()
@@ -75,7 +87,7 @@ class TrainerState:
     def load_state_dict(self, state: dict) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
-        self._skips_on_device = None
+        self.__post_init__()
 
 
 @dataclass(frozen=True)
@@ -223,14 +235,8 @@ def train(cfg: JobConfig) -> None:
         dist.destroy_process_group()
 
 
-def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPlan, device: torch.device) -> None:
-    run_dir = Path(cfg.job.run_dir)
-    if info.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_job_config(cfg, run_dir / "config.yaml")
-        copy_tokenizer(cfg.model.tokenizer, run_dir)
-
-    mesh = build_mesh(cfg.parallelism, device)
+def build_model(model_cfg: BambaConfig, mesh: DeviceMesh, cfg: JobConfig, device: torch.device) -> Bamba:
+    """Build on the meta device, apply parallelism, then materialise and initialise each shard."""
     torch.manual_seed(cfg.job.seed)
     with torch.device("meta"):
         model = Bamba(model_cfg)
@@ -240,7 +246,50 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
     with torch.no_grad():
         model.init_weights()
     model.train()
+    return model
 
+
+def train_step(model: Bamba, optimizer: torch.optim.Optimizer, batches, *, plan: BatchPlan, cfg: JobConfig,
+               device: torch.device, hsdp: bool, poison: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward/backward over the micro-batches, clip, and an AdamW step unless something is not
+    finite. Returns device tensors (mean loss of the job's step, gradient norm, skipped); no host sync."""
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(plan.grad_accum_steps):
+        batch = {key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
+        if hsdp:
+            # Replicas all-reduce gradients once per step, not once per micro-batch.
+            model.set_requires_all_reduce(micro == plan.grad_accum_steps - 1)
+        loss = model(batch["input_ids"], doc_ids=batch["doc_ids"] if cfg.model.doc_masking else None,
+                     labels=batch["labels"])
+        if poison:
+            loss = loss * float("nan")
+        (loss / plan.grad_accum_steps).backward()
+        loss_sum += loss.detach()
+    # A device collective, not a host sync; it also makes every rank agree on skipping.
+    dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+    step_loss = loss_sum / (plan.grad_accum_steps * dist.get_world_size())
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = global_grad_norm(params)
+    skipped = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
+    if cfg.training.max_grad_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.training.max_grad_norm, grad_norm, foreach=True)
+    # Fused AdamW leaves parameters and moments untouched where found_inf is 1.
+    optimizer.found_inf = skipped.float()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, skipped
+
+
+def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPlan, device: torch.device) -> None:
+    run_dir = Path(cfg.job.run_dir)
+    if info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_job_config(cfg, run_dir / "config.yaml")
+        copy_tokenizer(cfg.model.tokenizer, run_dir)
+
+    mesh = build_mesh(cfg.parallelism, device)
+    model = build_model(model_cfg, mesh, cfg, device)
     optimizer = build_optimizer(model, cfg.optimizer)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, peak_lr=cfg.optimizer.lr,
                                       total_steps=cfg.training.steps)
@@ -267,63 +316,33 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
 
     flops_per_token = num_flops_per_token(model_cfg, cfg.training.seq_len)
     peak_flops = device_peak_flops(device, cfg.metrics.peak_tflops)
-    params = [p for p in model.parameters() if p.requires_grad]
     nan_steps = set(cfg.training.debug_nan_at_steps)
-    hsdp = mesh.ndim == 2
-    # Consecutive non-finite steps, and the longest such run since the last check, on the device.
-    streak = torch.zeros((), dtype=torch.long, device=device)
-    longest_streak = torch.zeros((), dtype=torch.long, device=device)
     batches = iter(data_loader)
     interval_start, interval_steps = time.perf_counter(), 0
 
     for step in range(state.step + 1, cfg.training.steps + 1):
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(plan.grad_accum_steps):
-            batch = {key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
-            if hsdp:
-                # Replicas all-reduce gradients once per step, not once per micro-batch.
-                model.set_requires_all_reduce(micro == plan.grad_accum_steps - 1)
-            loss = model(batch["input_ids"], doc_ids=batch["doc_ids"] if cfg.model.doc_masking else None,
-                         labels=batch["labels"])
-            if step in nan_steps:
-                loss = loss * float("nan")
-            (loss / plan.grad_accum_steps).backward()
-            loss_sum += loss.detach()
-        # The mean loss of the job's step; a device collective, not a host sync.
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        step_loss = loss_sum / (plan.grad_accum_steps * info.world_size)
-
-        grad_norm = global_grad_norm(params)
-        finite = torch.isfinite(grad_norm) & torch.isfinite(step_loss)
-        if cfg.training.max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.training.max_grad_norm, grad_norm, foreach=True)
-        # Fused AdamW leaves parameters and moments untouched where found_inf is 1.
-        optimizer.found_inf = (~finite).float()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         step_lr = lr_scheduler.current_lr()
+        step_loss, grad_norm, skipped = train_step(model, optimizer, batches, plan=plan, cfg=cfg, device=device,
+                                                   hsdp=mesh.ndim == 2, poison=step in nan_steps)
         lr_scheduler.step()
         state.step = step
         state.tokens_seen += plan.tokens_per_step
-        state.count_skip(~finite)
-        streak = (streak + 1) * (~finite)
-        longest_streak = torch.maximum(longest_streak, streak)
+        state.record_step(skipped)
         logger.advance()
         interval_steps += 1
 
         if step % cfg.metrics.log_interval == 0 or step == cfg.training.steps:
-            loss_value, grad_norm_value = step_loss.item(), grad_norm.item()
             state.sync()
-            if longest_streak.item() >= cfg.training.max_consecutive_skips:
+            streak = state.longest_skip_streak()
+            if streak >= cfg.training.max_consecutive_skips:
                 raise TrainingDiverged(
-                    f"{longest_streak.item()} optimizer steps in a row had a non-finite loss or gradient "
+                    f"{streak} optimizer steps in a row had a non-finite loss or gradient "
                     f"(training.max_consecutive_skips={cfg.training.max_consecutive_skips}; last logged step "
                     f"{step}, {state.skipped_steps} skipped in all): lower optimizer.lr or check the data")
-            longest_streak = streak.clone()
             elapsed = time.perf_counter() - interval_start
             tokens_per_sec_per_gpu = interval_steps * plan.tokens_per_step / elapsed / info.world_size
             logger.log({
-                "step": step, "loss": loss_value, "lr": step_lr, "grad_norm": grad_norm_value,
+                "step": step, "loss": step_loss.item(), "lr": step_lr, "grad_norm": grad_norm.item(),
                 "tokens_seen": state.tokens_seen, "tokens_per_sec_per_gpu": tokens_per_sec_per_gpu,
                 "mfu": tokens_per_sec_per_gpu * flops_per_token / peak_flops if peak_flops else None,
                 "mem_gib": peak_memory_gib(device), "skipped_steps": state.skipped_steps,
