@@ -164,12 +164,18 @@ def dataset_streams(corpus: Corpus, windows: dict[int, np.ndarray]) -> dict[str,
 
 def check_epoch_coverage(corpus: Corpus, windows: dict[int, np.ndarray]) -> None:
     """Per dataset: the first epoch holds every document once, whole and in order; epoch 2 reshuffles."""
+    shard_orders_changed = []
     for name, stream in dataset_streams(corpus, windows).items():
         uids = split_documents(corpus, stream)
         documents = [uid for uid, dataset in corpus.dataset_of_uid.items() if dataset == name]
         assert len(uids) > len(documents), f"dataset {name} did not finish its first epoch"
         assert sorted(uids[: len(documents)]) == sorted(documents)
         assert uids[len(documents) : 2 * len(documents)] != uids[: len(uids) - len(documents)], "epoch 2 not reshuffled"
+        file_of = {uid: file for (dataset, file, _), uid in corpus.uid_of.items() if dataset == name}
+        files = lambda epoch_uids: [f for i, f in enumerate(map(file_of.get, epoch_uids)) if i == 0 or f != file_of[epoch_uids[i - 1]]]  # noqa: E731
+        second_epoch = uids[len(documents) :]
+        shard_orders_changed.append(files(second_epoch) != files(uids[: len(second_epoch)]))
+    assert any(shard_orders_changed), "epoch 2 kept the shard order"
 
 
 def test_rescale_changes_of_ranks_and_workers_cover_every_document_once(corpus):
@@ -244,6 +250,21 @@ def test_shuffle_buffer_permutes_within_blocks_across_rescale(corpus):
         assert got != reference_windows[name][:taken]
 
 
+def test_re_base_with_a_shuffle_buffer_repeats_no_window(corpus):
+    cfg = config(corpus, shuffle_buffer=8)
+    windows, state = run_phases(
+        corpus,
+        [
+            dict(cfg=cfg, ranks=1, steps=13, seq_len=32, batch=5),
+            dict(cfg=replace(cfg, weights=[1.0, 1.0, 1.0]), ranks=2, steps=40, seq_len=32, batch=4),
+        ],
+    )
+    assert state["base_sample"] == 65
+    for name in "abc":
+        mine = [tuple(w) for w in windows.values() if dataset_of_window(corpus, w) == name]
+        assert len(mine) == len(set(mine)), f"dataset {name} delivered a window twice across the re-base"
+
+
 def test_token_shares_track_weights_over_a_million_tokens(corpus):
     cfg = config(corpus, weights=[5.0, 3.0, 2.0], bos_token_id=None, eos_token_id=None)
     loader = build_dataloader(cfg, rank=0, world_size=1, seq_len=255, micro_batch_size=16)
@@ -268,6 +289,12 @@ def test_changed_weights_added_dataset_and_seq_len_continue_each_stream(corpus):
     ]
     windows, state = run_phases(corpus, phases)
     assert state["base_sample"] == 40 * 2 * 4 + 30 * 3 * 4
+    phase_starts = [0, 40 * 2 * 4, 40 * 2 * 4 + 30 * 3 * 4, len(windows)]
+    for phase, weights in enumerate([(0.5, 0.5, 0.0), (0.25, 0.25, 0.5), (4 / 6, 1 / 6, 1 / 6)]):
+        names = Counter(dataset_of_window(corpus, windows[g]) for g in range(phase_starts[phase], phase_starts[phase + 1]))
+        samples = phase_starts[phase + 1] - phase_starts[phase]
+        for name, weight in zip("abc", weights):
+            assert abs(names[name] - weight * samples) <= 2, f"phase {phase}: {names} against weights {weights}"
     # Each dataset's windows, in global order, are exactly the start of its uninterrupted stream:
     # whole documents, in the stream's order, none repeated, none skipped.
     for name, stream in dataset_streams(corpus, windows).items():
