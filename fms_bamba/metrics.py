@@ -43,7 +43,7 @@ def _json_value(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Writes one record per logged step; everything but `advance`/`log` bookkeeping is rank 0's."""
+    """Rank 0 writes each record to the console, metrics.jsonl and W&B; other ranks' calls do nothing."""
 
     def __init__(self, cfg: MetricsSection, run_dir: Path, *, rank: int, total_steps: int,
                  start_step: int, wandb_run_id: str, run_name: str, config: dict):

@@ -180,3 +180,11 @@ def test_plot_draws_the_run(two_process_run, tmp_path):
     assert cli.main(["plot", str(run_dir), "--out", str(tmp_path / "metrics.png")]) == 0
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli.main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_cli_dispatch(capsys):
+    assert cli.main([]) == 0 and "train [CONFIG]" in capsys.readouterr().out
+    assert cli.main(["fly"]) == 2 and "unknown command 'fly'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prepare", "--help"])  # data_loader.prepare's own argument parser answers
+    assert exit_info.value.code == 0 and "tokenizer" in capsys.readouterr().out
