@@ -138,7 +138,7 @@ class TokenDataLoader:
         """Job-wide progress: identical on every rank that took the same number of steps."""
         mapper = self._samples.mapper
         consumed = mapper.tokens_consumed(self.samples_seen)
-        return {
+        state = {
             "format": STATE_FORMAT,
             "seed": self.plan.seed,
             "sample_tokens": self.plan.sample_tokens,
@@ -160,6 +160,11 @@ class TokenDataLoader:
                 )
             ],
         }
+        if self.cfg.num_workers > 0:
+            # Workers do the reading: keep no shard mapped in the training process.
+            for stream in self.streams:
+                stream.close_shards()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` left off, on this loader's ranks × workers, weights and datasets.

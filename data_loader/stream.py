@@ -89,6 +89,10 @@ class DatasetStream:
             state[cache] = LRUCache(state[cache].size)
         return state
 
+    def close_shards(self) -> None:
+        """Drop the open shards (their memory maps); the small per-shard document orders stay cached."""
+        self._shards = LRUCache(self._shards.size)
+
     def shard(self, file: int) -> ArrowShard | ParquetShard:
         return self._shards.get(file, lambda f: self.index.open(f, self.token_column))
 
