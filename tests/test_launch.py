@@ -1,8 +1,11 @@
 """launch/torchrun.sh and launch/torchrun.py without Slurm: bad input fails fast with the reason,
-an unreachable rendezvous times out, and the exit status tells a preempted run from a crash."""
+an unreachable rendezvous times out, two "nodes" meet at a c10d rendezvous and train, and the
+exit status tells a preempted run from a crash."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,10 +95,39 @@ def test_unreachable_rendezvous_times_out():
     start = time.monotonic()
     # 192.0.2.1 is reserved for documentation (RFC 5737): never this machine, never answering.
     done = _launch("configs/tiny.yaml", timeout_s=90, DEVICE="cpu", NPROC_PER_NODE="1", NNODES="2",
-                   RDZV_ENDPOINT="192.0.2.1:29400", RDZV_TIMEOUT="3")
+                   RDZV_ENDPOINT="192.0.2.1:29400", RDZV_TIMEOUT="1")
     assert done.returncode == 1
     assert "the rendezvous at 192.0.2.1:29400 failed" in done.stderr
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_at_the_rendezvous_and_train(tmp_path):
+    # Two launchers on this machine stand for two nodes of one process each: the c10d
+    # rendezvous that train.sbatch sets up, hosted by the first "node".
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "DEVICE": "cpu", "NPROC_PER_NODE": "1", "NNODES": "2",
+           "RDZV_ENDPOINT": f"127.0.0.1:{port}", "RDZV_ID": "two-nodes", "RDZV_TIMEOUT": "60"}
+    run_dir = tmp_path / "run"
+    command = [TORCHRUN_SH, "configs/tiny.yaml", f"--job.run_dir={run_dir}", "--training.steps=2",
+               "--training.seq_len=64", "--training.micro_batch_size=2", "--lr_scheduler.warmup_steps=1",
+               "--metrics.log_interval=1", "--metrics.progress_bar=false"]
+    nodes = [subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    meta = json.loads((run_dir / "checkpoints" / "step-00000002" / "meta.json").read_text())
+    assert meta["world_size"] == 2
 
 
 def _signal_like_slurm(agent_pid: int, signum: int) -> None:
