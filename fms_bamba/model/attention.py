@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,10 +12,10 @@ from fms_bamba.model.config import BambaConfig
 from fms_bamba.model.kernels import flash_attn_available, flash_attn_func
 
 
-def rope_cos_sin(seq_len: int, rope_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [seq_len, rope_dim] for positions 0..seq_len-1, frequencies repeated per half."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, rope_dim, 2, device=device, dtype=torch.float32) / rope_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+def rope_cos_sin(positions: torch.Tensor, rope_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [len(positions), rope_dim], frequencies repeated per half."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rope_dim, 2, device=positions.device, dtype=torch.float32) / rope_dim)
+    angles = torch.outer(positions.float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -25,6 +27,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     first, second = rotated.chunk(2, dim=-1)
     rotated = rotated * cos + torch.cat([-second, first], dim=-1) * sin
     return torch.cat([rotated.to(x.dtype), passed], dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions decoded so far, for one attention layer."""
+
+    k: torch.Tensor
+    """[b, kv_heads, max_len, head_dim], RoPE applied."""
+    v: torch.Tensor
+    """[b, kv_heads, max_len, head_dim]."""
+    visible: torch.Tensor
+    """[b, max_len] bool: positions later tokens attend to (not padding, not another document)."""
 
 
 class Attention(nn.Module):
@@ -46,24 +60,58 @@ class Attention(nn.Module):
         # flash-attn here is causal only: doc-masked batches take SDPA
         return self.flash is not None and x.is_cuda and doc_ids is None
 
-    def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def project(self, hidden: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [b, heads, s, head_dim] of hidden [b, s, D] at positions start.., RoPE applied."""
         cfg = self.config
         batch, seq_len, _ = hidden.shape
         q = self.q_proj(hidden).view(batch, seq_len, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(batch, seq_len, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(batch, seq_len, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(seq_len, cfg.rope_dim, cfg.rope_theta, hidden.device)
         # positions count from the row start even across documents: RoPE scores depend only on
         # q-k distance, and doc masking never pairs tokens of two documents
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [b, heads, s, head_dim]
-        if self.use_flash(hidden, doc_ids):
+        positions = torch.arange(start, start + seq_len, device=hidden.device)
+        cos, sin = rope_cos_sin(positions, cfg.rope_dim, cfg.rope_theta)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """Causal (and same-document) attention of q, k, v [b, heads, s, head_dim] -> [b, s, D]."""
+        batch, _, seq_len, _ = q.shape
+        if self.use_flash(q, doc_ids):
             # flash-attn path: unexercised in this repository's tests (no flash-attn build here)
             out = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         else:
             mask = None
             if doc_ids is not None:
-                causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=hidden.device).tril()
+                causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
                 mask = (causal & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1))).unsqueeze(1)  # [b, 1, s, s]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
             out = out.transpose(1, 2)  # [b, s, heads, head_dim]
         return self.o_proj(out.reshape(batch, seq_len, -1))
+
+    def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(*self.project(hidden, 0), doc_ids)
+
+    def prefill(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None, max_len: int) -> tuple[torch.Tensor, KVCache]:
+        """forward, also returning a cache of max_len positions holding this sequence's keys."""
+        q, k, v = self.project(hidden, 0)
+        batch, kv_heads, seq_len, head_dim = k.shape
+        cache = KVCache(
+            k=k.new_zeros(batch, kv_heads, max_len, head_dim),
+            v=v.new_zeros(batch, kv_heads, max_len, head_dim),
+            visible=torch.zeros(batch, max_len, dtype=torch.bool, device=k.device),
+        )
+        cache.k[:, :, :seq_len], cache.v[:, :, :seq_len] = k, v
+        cache.visible[:, :seq_len] = True if doc_ids is None else doc_ids == doc_ids[:, -1:]
+        return self.attend(q, k, v, doc_ids), cache
+
+    def step(self, hidden: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
+        """One token per row at `position`: hidden [b, 1, D] -> [b, 1, D], filling the cache."""
+        q, k, v = self.project(hidden, position)
+        cache.k[:, :, position], cache.v[:, :, position] = k[:, :, 0], v[:, :, 0]
+        cache.visible[:, position] = True
+        length = position + 1
+        out = F.scaled_dot_product_attention(
+            q, cache.k[:, :, :length], cache.v[:, :, :length],
+            attn_mask=cache.visible[:, None, None, :length], enable_gqa=True,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(hidden.shape[0], 1, -1))

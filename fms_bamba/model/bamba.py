@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,9 +13,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fms_bamba.model import hf_mapping
-from fms_bamba.model.attention import Attention
+from fms_bamba.model.attention import Attention, KVCache
 from fms_bamba.model.config import BambaConfig
-from fms_bamba.model.mamba2 import GatedRMSNorm, Mamba2Mixer
+from fms_bamba.model.mamba2 import GatedRMSNorm, Mamba2Mixer, MambaState
 
 
 class RMSNorm(nn.Module):
@@ -54,6 +55,25 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), doc_ids)
         return x + self.mlp(self.mlp_norm(x))
+
+    def prefill(self, x: torch.Tensor, doc_ids: torch.Tensor | None, max_len: int) -> tuple[torch.Tensor, MambaState | KVCache]:
+        mixed, state = self.mixer.prefill(self.mixer_norm(x), doc_ids, max_len)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), state
+
+    def step(self, x: torch.Tensor, state: MambaState | KVCache, position: int) -> torch.Tensor:
+        x = x + self.mixer.step(self.mixer_norm(x), state, position)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class DecodeState:
+    """Everything decoding carries between tokens: one state per block, and the next position."""
+
+    layers: list[MambaState | KVCache]
+    """Per block: conv + SSM state (Mamba-2) or a KV cache (attention)."""
+    position: int
+    """Position (from the row start, padding included) of the next token."""
 
 
 class Bamba(nn.Module):
@@ -114,6 +134,37 @@ class Bamba(nn.Module):
             return self.output(h)
         return self.chunked_cross_entropy(h, labels)
 
+    @torch.no_grad()
+    def prefill(
+        self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None, max_new_tokens: int = 0
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """Run prompts [B, S], left-padded to S where prompt_lengths [B] is shorter; return the
+        logits [B, V] at the last position and the state `decode_step` continues from."""
+        batch, seq_len = input_ids.shape
+        self.check_inputs(input_ids, None, None, extra_positions=max_new_tokens)
+        doc_ids = None
+        if prompt_lengths is not None:
+            if prompt_lengths.shape != (batch,) or not ((prompt_lengths >= 1) & (prompt_lengths <= seq_len)).all():
+                raise ValueError(f"prompt_lengths must be [batch] in [1, {seq_len}], got {prompt_lengths.tolist()}")
+            # padding is a document of its own, so the prompt starts from a fresh state
+            doc_ids = (torch.arange(seq_len, device=input_ids.device) >= seq_len - prompt_lengths[:, None].to(input_ids.device)).long()
+        h = self.tok_embeddings(input_ids)
+        states = []
+        for layer in self.layers:
+            h, state = layer.prefill(h, doc_ids, seq_len + max_new_tokens)
+            states.append(state)
+        return self.output(self.norm(h[:, -1])), DecodeState(layers=states, position=seq_len)
+
+    @torch.no_grad()
+    def decode_step(self, token_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Feed one token per row, token_ids [B]; returns logits [B, V] and advances state."""
+        self.check_inputs(token_ids[:, None], None, None, extra_positions=state.position)
+        h = self.tok_embeddings(token_ids[:, None])  # [B, 1, D]
+        for layer, layer_state in zip(self.layers, state.layers):
+            h = layer.step(h, layer_state, state.position)
+        state.position += 1
+        return self.output(self.norm(h[:, 0]))
+
     def chunked_cross_entropy(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean fp32 CE over labels != -100, a chunk of tokens at a time. With several chunks,
         each chunk's logits are recomputed in backward rather than kept, so no more than one
@@ -133,12 +184,21 @@ class Bamba(nn.Module):
         logits = self.output(h).float()  # [chunk, V]
         return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
-    def check_inputs(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+    def check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        extra_positions: int = 0,
+    ) -> None:
+        """Clear errors for malformed inputs; extra_positions counts positions before or after them."""
         cfg = self.config
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > cfg.max_seq_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds BambaConfig.max_seq_len={cfg.max_seq_len}")
+        if input_ids.shape[1] + extra_positions > cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1] + extra_positions} exceeds BambaConfig.max_seq_len={cfg.max_seq_len}"
+            )
         for name, tensor in (("doc_ids", doc_ids), ("labels", labels)):
             if tensor is not None and tensor.shape != input_ids.shape:
                 raise ValueError(f"{name} shape {tuple(tensor.shape)} != input_ids shape {tuple(input_ids.shape)}")

@@ -37,13 +37,15 @@ def ssd_chunked_scan(
     C: torch.Tensor,
     chunk_size: int,
     doc_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The SSD scan (Mamba-2 paper, Sec. 6) by chunks, accumulating in at least fp32.
 
     Per head:  h[t] = exp(dt[t] * A) h[t-1] + dt[t] B[t] x[t]^T,   y[t] = h[t] C[t]
     x [b, s, h, p], dt [b, s, h] (after softplus), A [h] (negative), B and C [b, s, g, n],
-    doc_ids [b, s] -> y [b, s, h, p] in fp32 (fp64 for fp64 inputs). Any s: the tail chunk is
-    zero-padded.
+    doc_ids [b, s] -> y [b, s, h, p] in fp32 (fp64 for fp64 inputs), and with
+    return_final_state the state h[s-1] [b, h, p, n] that decoding continues from. Any s: the
+    tail chunk is zero-padded.
     """
     batch, seq_len, n_heads, head_dim = x.shape
     heads_per_group = n_heads // B.shape[2]
@@ -105,4 +107,30 @@ def ssd_chunked_scan(
         decay_from_start = decay_from_start * (docs == previous_end_doc.unsqueeze(-1)).unsqueeze(-1)
     y = y + torch.einsum("bclhn,bchpn,bclh->bclhp", C, start_states, decay_from_start)
 
-    return y.reshape(batch, n_chunks * chunk_size, n_heads, head_dim)[:, :seq_len]
+    y = y.reshape(batch, n_chunks * chunk_size, n_heads, head_dim)[:, :seq_len]
+    return (y, state) if return_final_state else y
+
+
+def causal_conv1d_step(
+    window: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """One step of causal_conv1d. window [b, K-1, C] holds the previous K-1 inputs and is
+    shifted in place to end with x [b, C]; returns out [b, C]."""
+    taps = torch.cat([window, x.unsqueeze(1)], dim=1)  # [b, K, C]
+    window.copy_(taps[:, 1:])
+    out = torch.einsum("bkc,ck->bc", taps, weight)
+    return out if bias is None else out + bias
+
+
+def ssd_step(
+    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> torch.Tensor:
+    """One step of the recurrence: h = exp(dt A) h + dt B x^T (state [b, h, p, n], updated in
+    place), then y = h C. x [b, h, p], dt [b, h], B and C [b, g, n] -> y [b, h, p] in fp32."""
+    heads_per_group = x.shape[1] // B.shape[1]
+    B = B.to(state.dtype).repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
+    C = C.to(state.dtype).repeat_interleave(heads_per_group, dim=1)  # [b, h, n]
+    x_dt = x.to(state.dtype) * dt.to(state.dtype).unsqueeze(-1)  # [b, h, p]
+    state.mul_(torch.exp(dt * A).to(state.dtype)[:, :, None, None])
+    state.add_(x_dt.unsqueeze(-1) * B.unsqueeze(2))
+    return torch.einsum("bhpn,bhn->bhp", state, C)

@@ -1,0 +1,84 @@
+"""Step-wise decoding (conv + SSM state, KV cache) reproduces the full-sequence forward."""
+
+import pytest
+import torch
+
+from fms_bamba.model import Bamba, BambaConfig
+from fms_bamba.model.ssd import causal_conv1d, causal_conv1d_step, ssd_chunked_scan, ssd_step
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # both block kinds; chunk 8 so prompts span several chunks
+    return Bamba(BambaConfig.from_preset("tiny", mamba_chunk_size=8, max_seq_len=64)).eval()
+
+
+def test_steps_continue_the_chunked_scan_and_conv():
+    gen = torch.Generator().manual_seed(0)
+    batch, seq_len, heads, head_dim, groups, d_state, channels = 2, 19, 4, 3, 2, 5, 6
+    x = torch.randn(batch, seq_len, heads, head_dim, generator=gen, dtype=torch.float64)
+    dt = torch.rand(batch, seq_len, heads, generator=gen, dtype=torch.float64)
+    A = -torch.rand(heads, generator=gen, dtype=torch.float64) - 0.1
+    B = torch.randn(batch, seq_len, groups, d_state, generator=gen, dtype=torch.float64)
+    C = torch.randn(batch, seq_len, groups, d_state, generator=gen, dtype=torch.float64)
+    y_all = ssd_chunked_scan(x, dt, A, B, C, chunk_size=4)
+    prefix = 11
+    _, state = ssd_chunked_scan(x[:, :prefix], dt[:, :prefix], A, B[:, :prefix], C[:, :prefix], 4, return_final_state=True)
+    for t in range(prefix, seq_len):
+        torch.testing.assert_close(ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t]), y_all[:, t])
+
+    signal = torch.randn(batch, seq_len, channels, generator=gen, dtype=torch.float64)
+    weight = torch.randn(channels, 4, generator=gen, dtype=torch.float64)
+    bias = torch.randn(channels, generator=gen, dtype=torch.float64)
+    conv_all = causal_conv1d(signal, weight, bias)
+    window = signal[:, prefix - 3 : prefix].clone()
+    for t in range(prefix, seq_len):
+        torch.testing.assert_close(causal_conv1d_step(window, signal[:, t], weight, bias), conv_all[:, t])
+
+
+def test_decoding_ragged_prompts_matches_full_forward(model):
+    gen = torch.Generator().manual_seed(1)
+    lengths = [13, 5, 1, 9]
+    new_tokens = 7
+    width = max(lengths)
+    sequences = [torch.randint(0, 4096, (n + new_tokens,), generator=gen) for n in lengths]
+    # left-padded with random tokens: padding must not leak into any row
+    prompts = torch.randint(0, 4096, (len(lengths), width), generator=gen)
+    for row, (seq, n) in enumerate(zip(sequences, lengths)):
+        prompts[row, width - n :] = seq[:n]
+    with torch.no_grad():
+        expected = [model(seq[None])[0] for seq in sequences]  # [n + new_tokens, V] each
+
+    logits, state = model.prefill(prompts, prompt_lengths=torch.tensor(lengths), max_new_tokens=new_tokens)
+    for step in range(new_tokens + 1):
+        for row, n in enumerate(lengths):
+            torch.testing.assert_close(logits[row], expected[row][n - 1 + step], rtol=1e-4, atol=1e-4)
+        if step < new_tokens:
+            logits = model.decode_step(torch.stack([seq[n + step] for seq, n in zip(sequences, lengths)]), state)
+    assert state.position == width + new_tokens
+
+
+def test_decoding_without_padding_and_greedy_consistency(model):
+    ids = torch.randint(0, 4096, (2, 10), generator=torch.Generator().manual_seed(2))
+    logits, state = model.prefill(ids, max_new_tokens=3)
+    generated = ids
+    for _ in range(3):
+        token = logits.argmax(-1)
+        generated = torch.cat([generated, token[:, None]], dim=1)
+        logits = model.decode_step(token, state)
+    with torch.no_grad():
+        full = model(generated)
+    # every generated token is the argmax of the full forward at the position before it
+    torch.testing.assert_close(full[:, 9:-1].argmax(-1), generated[:, 10:])
+    torch.testing.assert_close(logits, full[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_decoding_bad_input(model):
+    ids = torch.randint(0, 4096, (2, 10))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.prefill(ids, max_new_tokens=60)
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        model.prefill(ids, prompt_lengths=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.prefill(torch.full((1, 3), 4096))
