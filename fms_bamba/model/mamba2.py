@@ -81,25 +81,43 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         zxbcdt = self.in_proj(hidden)  # [b, s, d_inner + conv_dim + n_heads]
-        A = -torch.exp(self.A_log.float())  # [n_heads], negative: the state decays
         if self.use_kernels(hidden):
-            return self.fused_forward(zxbcdt, A, doc_ids)
-        return self.reference_forward(zxbcdt, A, doc_ids)
+            return self.fused_forward(zxbcdt, self.A(), doc_ids)
+        return self.reference_forward(zxbcdt, doc_ids)
+
+    def A(self) -> torch.Tensor:
+        """[n_heads] fp32, negative: how fast each head's state decays."""
+        return -torch.exp(self.A_log.float())
+
+    def split_projection(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[..., d_inner + conv_dim + n_heads] -> z (gate), xBC (conv input), dt (raw step)."""
+        cfg = self.config
+        return zxbcdt.split([cfg.mamba_d_inner, cfg.mamba_conv_dim, cfg.mamba_n_heads], dim=-1)
+
+    def ssm_inputs(self, conv_out: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """conv output [..., conv_dim] and raw dt [..., h] -> x [..., h, p], B and C [..., g, n],
+        dt [..., h] (positive, fp32)."""
+        cfg = self.config
+        x, B, C = conv_out.split([cfg.mamba_d_inner, self.bc_dim, self.bc_dim], dim=-1)
+        x = x.unflatten(-1, (cfg.mamba_n_heads, cfg.mamba_head_dim))
+        B = B.unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state))
+        C = C.unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state))
+        return x, B, C, F.softplus(dt.float() + self.dt_bias.float())
+
+    def output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Scan output y and input x [..., h, p] (skip connection D), gate z -> [..., hidden]."""
+        y = y + x * self.D[:, None]
+        return self.out_proj(self.norm(y.flatten(-2), z))
 
     def reference_forward(
-        self, zxbcdt: torch.Tensor, A: torch.Tensor, doc_ids: torch.Tensor | None, return_state: bool = False
+        self, zxbcdt: torch.Tensor, doc_ids: torch.Tensor | None, return_state: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, MambaState]:
-        cfg = self.config
-        z, xBC, dt = zxbcdt.split([cfg.mamba_d_inner, cfg.mamba_conv_dim, cfg.mamba_n_heads], dim=-1)
-        conv_out = F.silu(causal_conv1d(xBC, self.conv_weight, self.conv_bias, doc_ids))
-        x, B, C = conv_out.split([cfg.mamba_d_inner, self.bc_dim, self.bc_dim], dim=-1)
-        x = x.unflatten(-1, (cfg.mamba_n_heads, cfg.mamba_head_dim))  # [b, s, h, p]
-        B = B.unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state))  # [b, s, g, n]
-        C = C.unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state))  # [b, s, g, n]
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # [b, s, h], positive step sizes
-        y, ssm_state = ssd_chunked_scan(x, dt, A, B, C, cfg.mamba_chunk_size, doc_ids, return_final_state=True)
-        y = y + x * self.D[:, None]  # skip connection; y [b, s, h, p] fp32
-        out = self.out_proj(self.norm(y.flatten(-2), z))
+        z, xBC, dt = self.split_projection(zxbcdt)
+        x, B, C, dt = self.ssm_inputs(F.silu(causal_conv1d(xBC, self.conv_weight, self.conv_bias, doc_ids)), dt)
+        y, ssm_state = ssd_chunked_scan(
+            x, dt, self.A(), B, C, self.config.mamba_chunk_size, doc_ids, return_final_state=True
+        )  # y [b, s, h, p] fp32
+        out = self.output(y, x, z)
         if not return_state:
             return out
         return out, MambaState(conv=self.last_conv_inputs(xBC, doc_ids), ssm=ssm_state)
@@ -115,18 +133,13 @@ class Mamba2Mixer(nn.Module):
         return window
 
     def prefill(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None, max_len: int) -> tuple[torch.Tensor, MambaState]:
-        """forward, also returning the state that `step` continues from (max_len: unused here)."""
-        return self.reference_forward(self.in_proj(hidden), -torch.exp(self.A_log.float()), doc_ids, return_state=True)
+        """forward (reference path), also returning the state `step` continues from. max_len is
+        the attention layers' cache length; the state here has a fixed size."""
+        return self.reference_forward(self.in_proj(hidden), doc_ids, return_state=True)
 
     def step(self, hidden: torch.Tensor, state: MambaState, position: int) -> torch.Tensor:
         """One token per row: hidden [b, 1, D] -> [b, 1, D], updating state in place."""
-        cfg = self.config
-        z, xBC, dt = self.in_proj(hidden[:, 0]).split([cfg.mamba_d_inner, cfg.mamba_conv_dim, cfg.mamba_n_heads], dim=-1)
-        conv_out = F.silu(causal_conv1d_step(state.conv, xBC, self.conv_weight, self.conv_bias))
-        x, B, C = conv_out.split([cfg.mamba_d_inner, self.bc_dim, self.bc_dim], dim=-1)
-        x = x.unflatten(-1, (cfg.mamba_n_heads, cfg.mamba_head_dim))  # [b, h, p]
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # [b, h]
-        A = -torch.exp(self.A_log.float())
-        y = ssd_step(state.ssm, x, dt, A, B.unflatten(-1, (cfg.mamba_n_groups, -1)), C.unflatten(-1, (cfg.mamba_n_groups, -1)))
-        y = y + x * self.D[:, None]
-        return self.out_proj(self.norm(y.flatten(-2), z)).unsqueeze(1)
+        z, xBC, dt = self.split_projection(self.in_proj(hidden[:, 0]))
+        x, B, C, dt = self.ssm_inputs(F.silu(causal_conv1d_step(state.conv, xBC, self.conv_weight, self.conv_bias)), dt)
+        y = ssd_step(state.ssm, x, dt, self.A(), B, C)  # [b, h, p] fp32
+        return self.output(y, x, z).unsqueeze(1)
