@@ -6,6 +6,7 @@ optimizer / schedule / data loader, resume from the latest checkpoint, then step
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
 import shutil
@@ -300,65 +301,65 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
     ckpt = CheckpointManager(cfg.checkpoint, run_dir, model=model, optimizer=optimizer,
                              lr_scheduler=lr_scheduler, data_loader=data_loader, trainer_state=state,
                              job_config=config_to_dict(cfg))
-    preemption = PreemptionHandler()
-    ckpt.load()
-    if not state.wandb_run_id:
-        state.wandb_run_id = shared_run_id(info)
-    logger = MetricsLogger(cfg.metrics, run_dir, rank=info.rank, total_steps=cfg.training.steps,
-                           start_step=state.step, wandb_run_id=state.wandb_run_id,
-                           run_name=cfg.job.description, config=config_to_dict(cfg))
-    if info.rank == 0:
-        print(f"training Bamba {cfg.model.preset}: "
-              f"{sum(p.numel() for p in model.parameters()):,} parameters on {info.world_size} x {device.type}, "
-              f"global batch {plan.global_batch_sequences} x {cfg.training.seq_len} tokens "
-              f"({plan.grad_accum_steps} micro-batches per rank), steps {state.step + 1}..{cfg.training.steps}, "
-              f"run dir {run_dir}", flush=True)
+    # Signal handlers, the metrics file and the W&B run are released however the loop ends.
+    with contextlib.ExitStack() as cleanup:
+        preemption = PreemptionHandler()
+        cleanup.callback(preemption.close)
+        ckpt.load()
+        if not state.wandb_run_id:
+            state.wandb_run_id = shared_run_id(info)
+        logger = MetricsLogger(cfg.metrics, run_dir, rank=info.rank, total_steps=cfg.training.steps,
+                               start_step=state.step, wandb_run_id=state.wandb_run_id,
+                               run_name=cfg.job.description, config=config_to_dict(cfg))
+        cleanup.callback(logger.close)
+        if info.rank == 0:
+            print(f"training Bamba {cfg.model.preset}: "
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters on {info.world_size} x {device.type}, "
+                  f"global batch {plan.global_batch_sequences} x {cfg.training.seq_len} tokens "
+                  f"({plan.grad_accum_steps} micro-batches per rank), steps {state.step + 1}..{cfg.training.steps}, "
+                  f"run dir {run_dir}", flush=True)
 
-    flops_per_token = num_flops_per_token(model_cfg, cfg.training.seq_len)
-    peak_flops = device_peak_flops(device, cfg.metrics.peak_tflops)
-    nan_steps = set(cfg.training.debug_nan_at_steps)
-    batches = iter(data_loader)
-    interval_start, interval_steps = time.perf_counter(), 0
+        flops_per_token = num_flops_per_token(model_cfg, cfg.training.seq_len)
+        peak_flops = device_peak_flops(device, cfg.metrics.peak_tflops)
+        nan_steps = set(cfg.training.debug_nan_at_steps)
+        batches = iter(data_loader)
+        interval_start, interval_steps = time.perf_counter(), 0
 
-    for step in range(state.step + 1, cfg.training.steps + 1):
-        step_lr = lr_scheduler.current_lr()
-        step_loss, grad_norm, skipped = train_step(model, optimizer, batches, plan=plan, cfg=cfg, device=device,
-                                                   hsdp=mesh.ndim == 2, poison=step in nan_steps)
-        lr_scheduler.step()
-        state.step = step
-        state.tokens_seen += plan.tokens_per_step
-        state.record_step(skipped)
-        logger.advance()
-        interval_steps += 1
+        for step in range(state.step + 1, cfg.training.steps + 1):
+            step_lr = lr_scheduler.current_lr()
+            step_loss, grad_norm, skipped = train_step(model, optimizer, batches, plan=plan, cfg=cfg, device=device,
+                                                       hsdp=mesh.ndim == 2, poison=step in nan_steps)
+            lr_scheduler.step()
+            state.step = step
+            state.tokens_seen += plan.tokens_per_step
+            state.record_step(skipped)
+            logger.advance()
+            interval_steps += 1
 
-        if step % cfg.metrics.log_interval == 0 or step == cfg.training.steps:
-            state.sync()
-            streak = state.longest_skip_streak()
-            if streak >= cfg.training.max_consecutive_skips:
-                raise TrainingDiverged(
-                    f"{streak} optimizer steps in a row had a non-finite loss or gradient "
-                    f"(training.max_consecutive_skips={cfg.training.max_consecutive_skips}; last logged step "
-                    f"{step}, {state.skipped_steps} skipped in all): lower optimizer.lr or check the data")
-            elapsed = time.perf_counter() - interval_start
-            tokens_per_sec_per_gpu = interval_steps * plan.tokens_per_step / elapsed / info.world_size
-            logger.log({
-                "step": step, "loss": step_loss.item(), "lr": step_lr, "grad_norm": grad_norm.item(),
-                "tokens_seen": state.tokens_seen, "tokens_per_sec_per_gpu": tokens_per_sec_per_gpu,
-                "mfu": tokens_per_sec_per_gpu * flops_per_token / peak_flops if peak_flops else None,
-                "mem_gib": peak_memory_gib(device), "skipped_steps": state.skipped_steps,
-            })
-            interval_start, interval_steps = time.perf_counter(), 0
+            if step % cfg.metrics.log_interval == 0 or step == cfg.training.steps:
+                state.sync()
+                streak = state.longest_skip_streak()
+                if streak >= cfg.training.max_consecutive_skips:
+                    raise TrainingDiverged(
+                        f"{streak} optimizer steps in a row had a non-finite loss or gradient "
+                        f"(training.max_consecutive_skips={cfg.training.max_consecutive_skips}; last logged step "
+                        f"{step}, {state.skipped_steps} skipped in all): lower optimizer.lr or check the data")
+                elapsed = time.perf_counter() - interval_start
+                tokens_per_sec_per_gpu = interval_steps * plan.tokens_per_step / elapsed / info.world_size
+                logger.log({
+                    "step": step, "loss": step_loss.item(), "lr": step_lr, "grad_norm": grad_norm.item(),
+                    "tokens_seen": state.tokens_seen, "tokens_per_sec_per_gpu": tokens_per_sec_per_gpu,
+                    "mfu": tokens_per_sec_per_gpu * flops_per_token / peak_flops if peak_flops else None,
+                    "mem_gib": peak_memory_gib(device), "skipped_steps": state.skipped_steps,
+                })
+                interval_start, interval_steps = time.perf_counter(), 0
 
-        stop = preemption.stop_requested()
-        ckpt.save(step, force=stop or step == cfg.training.steps)
-        if stop:
-            ckpt.close()
-            preemption.close()
-            logger.close()
-            if info.rank == 0:
-                print(f"preempted: saved step {step}, exiting with code {EXIT_PREEMPTED}", flush=True)
-            sys.exit(EXIT_PREEMPTED)
+            stop = preemption.stop_requested()
+            ckpt.save(step, force=stop or step == cfg.training.steps)
+            if stop:
+                ckpt.close()
+                if info.rank == 0:
+                    print(f"preempted: saved step {step}, exiting with code {EXIT_PREEMPTED}", flush=True)
+                sys.exit(EXIT_PREEMPTED)
 
-    ckpt.close()
-    preemption.close()
-    logger.close()
+        ckpt.close()
