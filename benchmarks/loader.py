@@ -63,14 +63,14 @@ def peak_rss_gib() -> float:
     return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2**20
 
 
-def process_cpu_seconds() -> float:
-    """CPU time of this process and its live loader workers (they count only once they exit, so sample /proc)."""
-    total = time.process_time()
-    for pid in multiprocessing.active_children():
-        with open(f"/proc/{pid.pid}/stat") as stat:
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time of this process, and of its live loader workers (read from /proc: rusage counts only exited children)."""
+    workers = 0.0
+    for child in multiprocessing.active_children():
+        with open(f"/proc/{child.pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        workers += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return time.process_time(), workers
 
 
 def main() -> None:
@@ -105,18 +105,21 @@ def main() -> None:
     first_batch_s = time.perf_counter() - started
     for _ in range(args.warmup):
         next(batches)
-    tokens, started, cpu_started = 0, time.perf_counter(), process_cpu_seconds()
+    tokens, started, (main_cpu, workers_cpu) = 0, time.perf_counter(), cpu_seconds()
     while time.perf_counter() - started < args.seconds:
         tokens += next(batches)["input_ids"].numel()
     tokens_per_s = tokens / (time.perf_counter() - started)
-    tokens_per_cpu_s = tokens / (process_cpu_seconds() - cpu_started)
+    main_cpu, workers_cpu = (now - before for now, before in zip(cpu_seconds(), (main_cpu, workers_cpu)))
 
     print(f"datasets: {', '.join(f'{d} ({w:g})' for d, w in zip(datasets, cfg.normalized_weights()))}")
     print(f"seq_len {args.seq_len}, micro-batch {args.batch}, workers {args.workers}, shuffle buffer {args.shuffle_buffer}")
     print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"first batch: {first_batch_s:.2f} s")
     print(f"peak RSS: {peak_rss_gib():.2f} GiB")
-    print(f"tokens per CPU-second (all workers and the main process): {tokens_per_cpu_s:.0f}")
+    print(f"CPU seconds per second: {main_cpu / args.seconds:.2f} in this process, {workers_cpu / args.seconds:.2f} in workers")
+    if args.workers:
+        print(f"tokens per worker CPU-second: {tokens / workers_cpu:.0f}")
+    print(f"tokens per CPU-second, all processes: {tokens / (main_cpu + workers_cpu):.0f}")
     print(f"tokens/s: {tokens_per_s:.0f}")
 
 
