@@ -150,7 +150,7 @@ class JobConfig:
     """Run directory, seed, description."""
     model: ModelSection = field(default_factory=ModelSection)
     """Model preset and overrides."""
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(shuffle_buffer=1024))
     """Data sources and mixture (an empty `datasets` list means the built-in Python-stdlib corpus)."""
     training: TrainingSection = field(default_factory=TrainingSection)
     """Batch, steps, clipping, dtype."""
@@ -237,7 +237,8 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, *, prefix: str, where: str):
+def _build(cls: type, raw: Any, *, prefix: str, where: str, base: Any = None):
+    """`cls` from a mapping; fields it leaves out keep `base`'s values (else `cls`'s defaults)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping{where}, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -247,10 +248,16 @@ def _build(cls: type, raw: Any, *, prefix: str, where: str):
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
             raise ConfigError(f"unknown config key {prefix}{key}{where}{hint}")
-    values = {name: _coerce(raw[name], hints[name], f"{prefix}{name}", where)
-              for name in fields if name in raw}
+    values = {}
+    for name in (name for name in fields if name in raw):
+        factory = fields[name].default_factory
+        if dataclasses.is_dataclass(hints[name]) and factory is not dataclasses.MISSING:
+            # A section given in part keeps JobConfig's defaults for the rest (e.g. checkpoint.interval).
+            values[name] = _build(hints[name], raw[name], prefix=f"{prefix}{name}.", where=where, base=factory())
+        else:
+            values[name] = _coerce(raw[name], hints[name], f"{prefix}{name}", where)
     try:
-        return cls(**values)
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}{where}: {err}") from None
 

@@ -324,6 +324,8 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
         nan_steps = set(cfg.training.debug_nan_at_steps)
         batches = iter(data_loader)
         interval_start, interval_steps = time.perf_counter(), 0
+        # Sum and count of the finite step losses since the last record, kept on the device.
+        interval_loss, interval_finite = torch.zeros((), device=device), torch.zeros((), device=device)
 
         for step in range(state.step + 1, cfg.training.steps + 1):
             step_lr = lr_scheduler.current_lr()
@@ -333,6 +335,8 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
             state.step = step
             state.tokens_seen += plan.tokens_per_step
             state.record_step(skipped)
+            interval_loss += torch.where(skipped, 0.0, step_loss)
+            interval_finite += (~skipped).float()
             logger.advance()
             interval_steps += 1
 
@@ -346,13 +350,17 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
                         f"{step}, {state.skipped_steps} skipped in all): lower optimizer.lr or check the data")
                 elapsed = time.perf_counter() - interval_start
                 tokens_per_sec_per_gpu = interval_steps * plan.tokens_per_step / elapsed / info.world_size
+                finite_steps = int(interval_finite.item())
                 logger.log({
-                    "step": step, "loss": step_loss.item(), "lr": step_lr, "grad_norm": grad_norm.item(),
+                    "step": step, "loss": interval_loss.item() / finite_steps if finite_steps else None,
+                    "lr": step_lr, "grad_norm": grad_norm.item(),
                     "tokens_seen": state.tokens_seen, "tokens_per_sec_per_gpu": tokens_per_sec_per_gpu,
                     "mfu": tokens_per_sec_per_gpu * flops_per_token / peak_flops if peak_flops else None,
                     "mem_gib": peak_memory_gib(device), "skipped_steps": state.skipped_steps,
                 })
                 interval_start, interval_steps = time.perf_counter(), 0
+                interval_loss.zero_()
+                interval_finite.zero_()
 
             stop = preemption.stop_requested()
             ckpt.save(step, force=stop or step == cfg.training.steps)

@@ -56,6 +56,12 @@ def test_overrides_convert_to_field_types():
     assert from_strings.model.vocab_size is None
 
 
+def test_a_partial_section_keeps_the_job_defaults():
+    cfg = load_job_config(None, {"checkpoint.keep_last": 1, "data.seed": 3})
+    assert cfg.checkpoint.interval == JobConfig().checkpoint.interval == 100
+    assert cfg.data.shuffle_buffer == JobConfig().data.shuffle_buffer == 1024
+
+
 def test_overrides_apply_on_top_of_the_file(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("training:\n  steps: 5\n  seq_len: 64\n")
