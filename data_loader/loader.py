@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -99,7 +100,9 @@ class PackedSamples(IterableDataset):
 class TokenDataLoader:
     """Iterable of batch dicts over a StatefulDataLoader, with a job-wide, layout-free state.
 
-    Iterating again (e.g. after `load_state_dict`) continues from the current position.
+    Every rank is expected to take the same number of batches (as data-parallel training does);
+    the state then counts what the whole job consumed. Iterating again (e.g. after
+    `load_state_dict`) continues from the current position.
     """
 
     def __init__(self, cfg: DataConfig, streams: list[DatasetStream], *, rank: int, world_size: int, seq_len: int, micro_batch_size: int):
@@ -191,14 +194,13 @@ class TokenDataLoader:
             self.plan = old_plan
         else:
             consumed = dict(zip(old_plan.names, SampleMapper(old_plan).tokens_consumed(samples_seen, whole_blocks=True)))
-            self.plan.base_sample = samples_seen
-            self.plan.tokens_at_base = [consumed.get(name, 0) for name in self.plan.names]
+            self.plan = replace(self.plan, base_sample=samples_seen, tokens_at_base=[consumed.get(name, 0) for name in self.plan.names])
         self.samples_seen = samples_seen
         self._samples.mapper = SampleMapper(self.plan)
 
 
 def state_field(container: dict, key: str, kind: type, where: str = "") -> Any:
-    """`container[key]`, checked to be a non-negative `kind` (int, float) or a `kind`; ValueError otherwise."""
+    """`container[key]` if it is a `kind` (non-negative for int and float); ValueError naming the field otherwise."""
     if key not in container:
         raise ValueError(f"data loader state: missing field '{where}{key}' (not a state written by data_loader)")
     value = container[key]
@@ -213,30 +215,29 @@ def state_field(container: dict, key: str, kind: type, where: str = "") -> Any:
 
 def parse_state(state: Any) -> tuple[MixPlan, int, dict[str, int]]:
     """(plan, samples seen, tokens per epoch by dataset) from a loader state; ValueError if malformed."""
-    field = state_field
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"data loader state: format {found!r} is not {STATE_FORMAT!r} (a state from another loader)")
-    datasets = field(state, "datasets", list)
+    datasets = state_field(state, "datasets", list)
     if not datasets or not all(isinstance(entry, dict) for entry in datasets):
         raise ValueError("data loader state: field 'datasets' must be a non-empty list of objects")
     where = [f"datasets[{i}]." for i in range(len(datasets))]
     plan = MixPlan(
-        seed=field(state, "seed", int),
-        sample_tokens=field(state, "sample_tokens", int),
-        shuffle_buffer=field(state, "shuffle_buffer", int),
-        base_sample=field(state, "base_sample", int),
-        names=[field(entry, "name", str, at) for entry, at in zip(datasets, where)],
-        weights=[float(field(entry, "weight", float, at)) for entry, at in zip(datasets, where)],
-        tokens_at_base=[field(entry, "tokens_at_base", int, at) for entry, at in zip(datasets, where)],
+        seed=state_field(state, "seed", int),
+        sample_tokens=state_field(state, "sample_tokens", int),
+        shuffle_buffer=state_field(state, "shuffle_buffer", int),
+        base_sample=state_field(state, "base_sample", int),
+        names=[state_field(entry, "name", str, at) for entry, at in zip(datasets, where)],
+        weights=[float(state_field(entry, "weight", float, at)) for entry, at in zip(datasets, where)],
+        tokens_at_base=[state_field(entry, "tokens_at_base", int, at) for entry, at in zip(datasets, where)],
     )
-    samples_seen = field(state, "samples_seen", int)
+    samples_seen = state_field(state, "samples_seen", int)
     if plan.sample_tokens < 2 or samples_seen < plan.base_sample:
         raise ValueError(
             f"data loader state: inconsistent fields (sample_tokens {plan.sample_tokens}, "
             f"base_sample {plan.base_sample}, samples_seen {samples_seen})"
         )
-    epoch_tokens = {entry["name"]: field(entry, "epoch_tokens", int, at) for entry, at in zip(datasets, where)}
+    epoch_tokens = {entry["name"]: state_field(entry, "epoch_tokens", int, at) for entry, at in zip(datasets, where)}
     if len(epoch_tokens) != len(datasets) or 0 in epoch_tokens.values():
         raise ValueError("data loader state: dataset names must be distinct and epoch_tokens positive")
     return plan, samples_seen, epoch_tokens
