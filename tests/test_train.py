@@ -15,7 +15,8 @@ import yaml
 from fms_bamba import cli, default_corpus, plot
 from fms_bamba.checkpoint import read_dcp_metadata
 from fms_bamba.config import load_job_config
-from fms_bamba.train import TrainingDiverged, train
+from fms_bamba.config import ConfigError
+from fms_bamba.train import TrainingDiverged, plan_batch, train
 
 CONTRACT_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec_per_gpu", "mfu", "mem_gib"}
 
@@ -188,3 +189,25 @@ def test_cli_dispatch(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["prepare", "--help"])  # data_loader.prepare's own argument parser answers
     assert exit_info.value.code == 0 and "tokenizer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("training, world_size, expected", [
+    ({}, 4, (32, 1, 32 * 256)),                                    # default: one micro-batch per rank
+    ({"global_batch_sequences": 384, "micro_batch_size": 2}, 64, (384, 3, 384 * 256)),
+    ({"global_batch_tokens": 1_572_864, "seq_len": 4096, "micro_batch_size": 2}, 192, (384, 1, 1_572_864)),
+])
+def test_plan_batch(training, world_size, expected):
+    cfg = load_job_config(None, {f"training.{key}": value for key, value in training.items()})
+    plan = plan_batch(cfg, world_size)
+    assert (plan.global_batch_sequences, plan.grad_accum_steps, plan.tokens_per_step) == expected
+
+
+@pytest.mark.parametrize("training, message", [
+    ({"global_batch_sequences": 384, "micro_batch_size": 2}, r"384 sequences per step, which 128 processes"),
+    ({"global_batch_tokens": 1000}, r"global_batch_tokens \(1000\) must be a multiple of training\.seq_len \(256\)"),
+    ({"global_batch_tokens": 1024, "global_batch_sequences": 4}, r"set only one of"),
+])
+def test_plan_batch_rejects(training, message):
+    cfg = load_job_config(None, {f"training.{key}": value for key, value in training.items()})
+    with pytest.raises(ConfigError, match=message):
+        plan_batch(cfg, 128)
