@@ -84,6 +84,7 @@ def test_config_round_trip():
         ({"tie_word_embeddings": True}, "tie_word_embeddings"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"mamba_d_head": 7}, "mamba_n_heads \\* mamba_head_dim"),
+        ({"attn_rotary_emb": 32}, "attn_rotary_emb"),
     ],
 )
 def test_config_from_hf_rejects_what_it_cannot_load(change, message):
@@ -116,3 +117,19 @@ def test_from_hf_missing_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(tiny_config())))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         Bamba.from_hf(tmp_path)
+
+
+def test_config_from_hf_reads_transformers_4x_style_bamba_9b():
+    # fields as transformers 4.x wrote them: rope_theta at the top, no rope_parameters
+    legacy = {
+        "architectures": ["BambaForCausalLM"], "model_type": "bamba", "attention_bias": False,
+        "attn_layer_indices": [9, 18, 27], "attn_rotary_emb": 64, "bos_token_id": 128000,
+        "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+        "mamba_chunk_size": 256, "mamba_conv_bias": True, "mamba_d_conv": 4, "mamba_d_head": 64,
+        "mamba_d_state": 128, "mamba_expand": 2, "mamba_n_groups": 1, "mamba_n_heads": 128,
+        "mamba_proj_bias": False, "max_position_embeddings": 262144, "num_attention_heads": 32,
+        "num_hidden_layers": 32, "num_key_value_heads": 8, "pad_token_id": 0, "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "use_mamba_kernels": True, "vocab_size": 128256,
+    }
+    assert config_from_hf(legacy) == BambaConfig.from_preset("bamba-9b", max_seq_len=262144)

@@ -99,6 +99,7 @@ def config_to_hf(config: BambaConfig) -> dict:
         # transformers >= 5 reads rope_parameters, 4.x reads rope_theta
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta, "partial_rotary_factor": 0.5},
         "rope_theta": config.rope_theta,
+        "attn_rotary_emb": config.rope_dim,  # the original Bamba config.json's name for it
         "attention_bias": False,
         "mlp_bias": False,
         "mamba_n_heads": config.mamba_n_heads,
@@ -144,6 +145,8 @@ def config_from_hf(hf_config: dict, **overrides) -> BambaConfig:
     hidden, n_heads = field("hidden_size"), field("num_attention_heads")
     if hf_config.get("head_dim") not in (None, hidden // n_heads):
         raise ValueError(f"config.json: head_dim={hf_config['head_dim']} != hidden_size // num_attention_heads")
+    if hf_config.get("attn_rotary_emb") not in (None, hidden // n_heads // 2):
+        raise ValueError(f"config.json: attn_rotary_emb={hf_config['attn_rotary_emb']} is not half the head dim")
     expand, mamba_heads = field("mamba_expand", 2), field("mamba_n_heads")
     head_dim = field("mamba_d_head", "auto")
     eos = hf_config.get("eos_token_id")
