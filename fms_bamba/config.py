@@ -187,10 +187,14 @@ def load_job_config(path: str | os.PathLike | None = None,
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
-    for key, value in _override_items(overrides):
+    # The file alone first, so that an error names where it comes from.
+    cfg = _build(JobConfig, raw, prefix="", where=f" (in {path})" if path is not None else "")
+    items = list(_override_items(overrides))
+    if not items:
+        return cfg
+    for key, value in items:
         _set_dotted(raw, key, value)
-    where = f" (in {path})" if path is not None else ""
-    return _build(JobConfig, raw, prefix="", where=where)
+    return _build(JobConfig, raw, prefix="", where=" (command-line override)")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -230,7 +234,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
         raise ConfigError(f"override key {key!r} must name section.field, e.g. training.steps")
     node = raw
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        child = node[part] = {} if node.get(part) is None else node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override {key!r}: {part!r} is not a section")
         node = child
@@ -239,6 +243,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 def _build(cls: type, raw: Any, *, prefix: str, where: str, base: Any = None):
     """`cls` from a mapping; fields it leaves out keep `base`'s values (else `cls`'s defaults)."""
+    raw = {} if raw is None else raw  # a section whose fields are all commented out
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping{where}, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -64,9 +64,10 @@ def test_a_partial_section_keeps_the_job_defaults():
 
 def test_overrides_apply_on_top_of_the_file(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text("training:\n  steps: 5\n  seq_len: 64\n")
-    cfg = load_job_config(path, {"training.steps": 9})
-    assert (cfg.training.steps, cfg.training.seq_len) == (9, 64)
+    path.write_text("training:\n  steps: 5\n  seq_len: 64\ncheckpoint:\nmetrics:\n")
+    cfg = load_job_config(path, {"training.steps": 9, "metrics.log_interval": 2})
+    assert (cfg.training.steps, cfg.training.seq_len, cfg.metrics.log_interval) == (9, 64, 2)
+    assert cfg.checkpoint == JobConfig().checkpoint  # an empty section is the defaults
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -78,7 +79,8 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("text, overrides, message", [
     ("training:\n  stepz: 5\n", {}, r"unknown config key training\.stepz \(in .*job\.yaml\); did you mean training\.steps"),
     ("trainer:\n  steps: 5\n", {}, r"unknown config key trainer"),
-    ("", {"training.nope": 1}, r"unknown config key training\.nope"),
+    ("", {"training.nope": 1}, r"unknown config key training\.nope \(command-line override\)"),
+    ("training:\n  steps: 5\n", {"training.steps": "x"}, r"training\.steps \(command-line override\) must be int"),
     ("", {"steps": 1}, r"must name section\.field"),
     ("training:\n  steps: many\n", {}, r"training\.steps .* must be int, got 'many'"),
     ("training: 5\n", {}, r"training must be a mapping"),
