@@ -58,9 +58,13 @@ def ensure_corpus(cache: Path) -> Path:
     return cache
 
 
-def peak_rss_gib() -> float:
-    """Peak resident set of this process and of its (loader worker) children, whichever is larger."""
-    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2**20
+def peak_rss_gib() -> tuple[float, float]:
+    """Peak resident set of this process, and the largest of its live loader workers (VmHWM)."""
+    workers = [0.0]
+    for child in multiprocessing.active_children():
+        with open(f"/proc/{child.pid}/status") as status:
+            workers += [int(line.split()[1]) / 2**20 for line in status if line.startswith("VmHWM:")]
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, max(workers)
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -115,7 +119,8 @@ def main() -> None:
     print(f"seq_len {args.seq_len}, micro-batch {args.batch}, workers {args.workers}, shuffle buffer {args.shuffle_buffer}")
     print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"first batch: {first_batch_s:.2f} s")
-    print(f"peak RSS: {peak_rss_gib():.2f} GiB")
+    main_rss, worker_rss = peak_rss_gib()
+    print(f"peak RSS: {main_rss:.2f} GiB" + (f", each worker at most {worker_rss:.2f} GiB" if args.workers else ""))
     print(f"CPU seconds per second: {main_cpu / args.seconds:.2f} in this process, {workers_cpu / args.seconds:.2f} in workers")
     if args.workers:
         print(f"tokens per worker CPU-second: {tokens / workers_cpu:.0f}")
