@@ -127,9 +127,10 @@ def test_two_process_grad_accumulation_matches_one_process(two_process_run, corp
 
 def test_nan_loss_is_skipped_and_reported(corpus, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    train(load_job_config(None, tiny_overrides(run_dir, corpus, **{
+    overrides = tiny_overrides(run_dir, corpus, **{
         "training.steps": 4, "training.debug_nan_at_steps": [2], "metrics.log_interval": 1, "lr_scheduler.warmup_steps": 1,
-        "checkpoint.interval": 4, "metrics.wandb": True, "metrics.wandb_mode": "offline"})))
+        "checkpoint.interval": 4, "metrics.wandb": True, "metrics.wandb_mode": "offline"})
+    train(load_job_config(None, overrides))
     records = read_metrics(run_dir)
     assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1]
     assert records[1]["loss"] is None and records[1]["grad_norm"] is None
@@ -139,7 +140,15 @@ def test_nan_loss_is_skipped_and_reported(corpus, tmp_path, capsys):
     assert meta["trainer_state"]["skipped_steps"] == 1
     # W&B offline: the run id kept in the trainer state names the local W&B run a resume continues.
     run_id = meta["trainer_state"]["wandb_run_id"]
-    assert run_id and list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert run_id and len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
+
+    # Relaunched with a longer schedule, the job resumes at step 5, keeps its skip count and logs
+    # to the same W&B run.
+    train(load_job_config(None, {**overrides, "training.steps": 6}))
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and records[-1]["skipped_steps"] == 1
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2
 
 
 def test_consecutive_nans_stop_the_run(corpus, tmp_path):
