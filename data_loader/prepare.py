@@ -17,6 +17,7 @@ import gzip
 import json
 import multiprocessing
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -32,7 +33,7 @@ from data_loader.shards import COUNTS_FILE, find_shard_files, load_counts, open_
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 RAW_SUFFIXES = JSON_SUFFIXES + (".parquet", ".txt")
-# Tried, in this order, when neither an argument nor tokenizer_config.json names a special token.
+# When neither an argument nor tokenizer_config.json names a special token, the one of these in the vocabulary.
 KNOWN_EOS_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
 KNOWN_BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<bos>")
 ENCODE_BATCH_DOCUMENTS = 256
@@ -43,6 +44,7 @@ class PrepareStats:
     """What one `prepare_corpus` call did."""
 
     files_written: int
+    """Shards written by this call."""
     files_skipped: int
     """Shards already complete from an earlier run."""
     documents: int
@@ -52,8 +54,11 @@ class PrepareStats:
     tokens: int
     """Tokens written by this call, EOS (and BOS) included."""
     eos_token_id: int
+    """EOS appended to every document."""
     bos_token_id: Optional[int]
+    """BOS prepended to every document (None without add_bos)."""
     counts_file: Path
+    """The dataset's counts.csv, covering every shard in the output directory."""
 
 
 def raw_suffix(path: Path) -> Optional[str]:
@@ -288,7 +293,8 @@ def prepare_corpus(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_loader.prepare", description=__doc__.split("\n\n")[0])
+    prog = "fms-bamba prepare" if Path(sys.argv[0]).name == "fms-bamba" else "python -m data_loader.prepare"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", type=Path, help="raw files or directories")
     parser.add_argument("--output", required=True, type=Path, help="dataset directory to write shards into")
     parser.add_argument("--tokenizer", required=True, type=Path, help="a HuggingFace tokenizer.json")
