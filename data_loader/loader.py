@@ -129,6 +129,8 @@ class TokenDataLoader:
                 batch_size=None,
                 num_workers=cfg.num_workers,
                 pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                # The loader's state is its own sample count: skip torchdata's per-step worker snapshots.
+                snapshot_every_n_steps=None,
             )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
