@@ -32,7 +32,7 @@ def test_steps_continue_the_chunked_scan_and_conv():
     weight = torch.randn(channels, 4, generator=gen, dtype=torch.float64)
     bias = torch.randn(channels, generator=gen, dtype=torch.float64)
     conv_all = causal_conv1d(signal, weight, bias)
-    window = signal[:, prefix - 3 : prefix].clone()
+    window = signal[:, prefix - 3 : prefix].transpose(1, 2).contiguous()
     for t in range(prefix, seq_len):
         torch.testing.assert_close(causal_conv1d_step(window, signal[:, t], weight, bias), conv_all[:, t])
 

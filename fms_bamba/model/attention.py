@@ -60,8 +60,8 @@ class Attention(nn.Module):
         # flash-attn here is causal only: doc-masked batches take SDPA
         return self.flash is not None and x.is_cuda and doc_ids is None
 
-    def project(self, hidden: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v [b, heads, s, head_dim] of hidden [b, s, D] at positions start.., RoPE applied."""
+    def project(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [b, heads, s, head_dim] of hidden [b, s, D] at positions [s], RoPE applied."""
         cfg = self.config
         batch, seq_len, _ = hidden.shape
         q = self.q_proj(hidden).view(batch, seq_len, cfg.n_heads, cfg.head_dim).transpose(1, 2)
@@ -69,7 +69,6 @@ class Attention(nn.Module):
         v = self.v_proj(hidden).view(batch, seq_len, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         # positions count from the row start even across documents: RoPE scores depend only on
         # q-k distance, and doc masking never pairs tokens of two documents
-        positions = torch.arange(start, start + seq_len, device=hidden.device)
         cos, sin = rope_cos_sin(positions, cfg.rope_dim, cfg.rope_theta)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -89,11 +88,11 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(batch, seq_len, -1))
 
     def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.attend(*self.project(hidden, 0), doc_ids)
+        return self.attend(*self.project(hidden, torch.arange(hidden.shape[1], device=hidden.device)), doc_ids)
 
     def prefill(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None, max_len: int) -> tuple[torch.Tensor, KVCache]:
         """forward, also returning a cache of max_len positions holding this sequence's keys."""
-        q, k, v = self.project(hidden, 0)
+        q, k, v = self.project(hidden, torch.arange(hidden.shape[1], device=hidden.device))
         batch, kv_heads, seq_len, head_dim = k.shape
         cache = KVCache(
             k=k.new_zeros(batch, kv_heads, max_len, head_dim),
@@ -104,14 +103,16 @@ class Attention(nn.Module):
         cache.visible[:, :seq_len] = True if doc_ids is None else doc_ids == doc_ids[:, -1:]
         return self.attend(q, k, v, doc_ids), cache
 
-    def step(self, hidden: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
-        """One token per row at `position`: hidden [b, 1, D] -> [b, 1, D], filling the cache."""
-        q, k, v = self.project(hidden, position)
-        cache.k[:, :, position], cache.v[:, :, position] = k[:, :, 0], v[:, :, 0]
-        cache.visible[:, position] = True
-        length = position + 1
+    def step(self, hidden: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
+        """One token per row at `position` ([] int64, on the device): hidden [b, 1, D] -> [b, 1, D],
+        filling the cache. Shapes never depend on the position, so a CUDA graph can replay it."""
+        at = position.view(1)
+        q, k, v = self.project(hidden, at)
+        cache.k.index_copy_(2, at, k)
+        cache.v.index_copy_(2, at, v)
+        cache.visible.index_fill_(1, at, True)
+        # the whole cache, with the positions not yet written masked out
         out = F.scaled_dot_product_attention(
-            q, cache.k[:, :, :length], cache.v[:, :, :length],
-            attn_mask=cache.visible[:, None, None, :length], enable_gqa=True,
+            q, cache.k, cache.v, attn_mask=cache.visible[:, None, None, :], enable_gqa=True
         )
         return self.o_proj(out.transpose(1, 2).reshape(hidden.shape[0], 1, -1))

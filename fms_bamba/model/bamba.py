@@ -61,7 +61,7 @@ class Block(nn.Module):
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), state
 
-    def step(self, x: torch.Tensor, state: MambaState | KVCache, position: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: MambaState | KVCache, position: torch.Tensor) -> torch.Tensor:
         x = x + self.mixer.step(self.mixer_norm(x), state, position)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -71,9 +71,12 @@ class DecodeState:
     """Everything decoding carries between tokens: one state per block, and the next position."""
 
     layers: list[MambaState | KVCache]
-    """Per block: conv + SSM state (Mamba-2) or a KV cache (attention)."""
-    position: int
-    """Position (from the row start, padding included) of the next token."""
+    """Per block: conv + SSM state (Mamba-2) or a KV cache (attention), updated in place."""
+    position: torch.Tensor
+    """[] int64 on the model's device: position (from the row start, padding included) of the
+    next token. A device tensor, so that a step captured as a CUDA graph advances it."""
+    steps_left: int
+    """Tokens `decode_step` may still take: the free positions of the KV caches (host side)."""
 
 
 class Bamba(nn.Module):
@@ -125,6 +128,8 @@ class Bamba(nn.Module):
         """input_ids [B, S] -> logits [B, S, V]; with labels [B, S], the mean fp32 cross-entropy
         over labels != -100. doc_ids [B, S] is used only when config.doc_masking is on."""
         self.check_inputs(input_ids, doc_ids, labels)
+        if self.config.doc_masking and doc_ids is None:
+            raise ValueError("BambaConfig.doc_masking is on but forward got no doc_ids")
         doc_ids = doc_ids if self.config.doc_masking else None
         h = self.tok_embeddings(input_ids)  # [B, S, D]
         for layer in self.layers:
@@ -139,7 +144,8 @@ class Bamba(nn.Module):
         self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None, max_new_tokens: int = 0
     ) -> tuple[torch.Tensor, DecodeState]:
         """Run prompts [B, S], left-padded to S where prompt_lengths [B] is shorter; return the
-        logits [B, V] at the last position and the state `decode_step` continues from."""
+        logits [B, V] at the last position and the state `decode_step` continues from, with
+        room for max_new_tokens more tokens."""
         batch, seq_len = input_ids.shape
         self.check_inputs(input_ids, None, None, extra_positions=max_new_tokens)
         doc_ids = None
@@ -153,17 +159,29 @@ class Bamba(nn.Module):
         for layer in self.layers:
             h, state = layer.prefill(h, doc_ids, seq_len + max_new_tokens)
             states.append(state)
-        return self.output(self.norm(h[:, -1])), DecodeState(layers=states, position=seq_len)
+        position = torch.tensor(seq_len, device=input_ids.device)
+        return self.output(self.norm(h[:, -1])), DecodeState(states, position, steps_left=max_new_tokens)
 
     @torch.no_grad()
     def decode_step(self, token_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        """Feed one token per row, token_ids [B]; returns logits [B, V] and advances state."""
-        self.check_inputs(token_ids[:, None], None, None, extra_positions=state.position)
+        """Feed one token per row, token_ids [B]; returns logits [B, V] and advances state.
+        The ids are not checked against the vocabulary (a host sync per token): feed the model's
+        own samples."""
+        if token_ids.dim() != 1:
+            raise ValueError(f"decode_step takes one token per row, token_ids [batch], got {tuple(token_ids.shape)}")
+        if state.steps_left < 1:
+            raise ValueError("decode_step: the KV caches are full; prefill with a larger max_new_tokens")
+        state.steps_left -= 1
+        return self.step_logits(token_ids, state)
+
+    def step_logits(self, token_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """The device work of one decoding step (what a CUDA graph records): no host sync, no
+        shape that depends on the position."""
         h = self.tok_embeddings(token_ids[:, None])  # [B, 1, D]
         for layer, layer_state in zip(self.layers, state.layers):
             h = layer.step(h, layer_state, state.position)
         state.position += 1
-        return self.output(self.norm(h[:, 0]))
+        return self.output(self.norm(h[:, 0]))  # [B, V]
 
     def chunked_cross_entropy(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean fp32 CE over labels != -100, a chunk of tokens at a time. With several chunks,
@@ -202,8 +220,6 @@ class Bamba(nn.Module):
         for name, tensor in (("doc_ids", doc_ids), ("labels", labels)):
             if tensor is not None and tensor.shape != input_ids.shape:
                 raise ValueError(f"{name} shape {tuple(tensor.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        if cfg.doc_masking and doc_ids is None:
-            raise ValueError("BambaConfig.doc_masking is on but forward got no doc_ids")
         if cfg.check_token_ids and input_ids.numel():
             low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync
             if low < 0 or high >= cfg.vocab_size:

@@ -1,4 +1,5 @@
-"""Optional GPU kernels: mamba-ssm's fused Mamba-2 path (with causal-conv1d) and flash-attn.
+"""Optional GPU kernels: mamba-ssm's fused Mamba-2 path and single-step update (with
+causal-conv1d's), and flash-attn.
 
 mamba-ssm 2.3's package `__init__` imports its Mamba-1 CUDA extension (`selective_scan_cuda`),
 which Mamba-2 never uses and which builds without CUDA sources lack. So the package module is
@@ -44,6 +45,19 @@ def mamba_split_conv1d_scan() -> Callable:
     if ssd_combined.causal_conv1d_fwd_function is None:
         raise _missing("causal-conv1d")
     return ssd_combined.mamba_split_conv1d_scan_combined
+
+
+@functools.cache
+def mamba_step_kernels() -> tuple[Callable, Callable]:
+    """One decoding step: causal-conv1d's `causal_conv1d_update` and mamba-ssm's
+    `selective_state_update`; ImportError naming what is missing."""
+    mamba_split_conv1d_scan()  # the same packages: checked, and mamba_ssm registered without __init__
+    try:
+        conv_update = importlib.import_module("causal_conv1d").causal_conv1d_update
+        state_update = importlib.import_module("mamba_ssm.ops.triton.selective_state_update").selective_state_update
+    except (ImportError, AttributeError) as err:
+        raise ImportError(f"the single-step Mamba-2 kernels failed to import ({err}); {INSTALL_HINT}") from err
+    return conv_update, state_update
 
 
 @functools.cache

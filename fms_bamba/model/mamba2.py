@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fms_bamba.model.config import BambaConfig
-from fms_bamba.model.kernels import kernels_available, mamba_split_conv1d_scan
+from fms_bamba.model.kernels import kernels_available, mamba_split_conv1d_scan, mamba_step_kernels
 from fms_bamba.model.ssd import causal_conv1d, causal_conv1d_step, ssd_chunked_scan, ssd_step
 
 
@@ -18,7 +18,7 @@ class MambaState:
     """What a Mamba-2 mixer carries from one decoding step to the next."""
 
     conv: torch.Tensor
-    """[b, K-1, conv_dim] the last K-1 inputs of the causal conv."""
+    """[b, conv_dim, K-1] the last K-1 inputs of the causal conv (causal-conv1d's layout)."""
     ssm: torch.Tensor
     """[b, heads, head_dim, d_state] the SSM state, fp32."""
 
@@ -60,6 +60,7 @@ class Mamba2Mixer(nn.Module):
         # "kernels" without the packages fails now, naming the missing one
         wants_kernels = config.mixer_impl == "kernels" or (config.mixer_impl == "auto" and kernels_available())
         self.fused_scan = mamba_split_conv1d_scan() if wants_kernels else None
+        self.step_kernels = mamba_step_kernels() if wants_kernels else None
 
     def use_kernels(self, x: torch.Tensor) -> bool:
         if self.fused_scan is not None and not x.is_cuda and self.config.mixer_impl == "kernels":
@@ -67,8 +68,11 @@ class Mamba2Mixer(nn.Module):
         return self.fused_scan is not None and x.is_cuda
 
     @torch.compiler.disable  # a Triton autograd.Function: run as is, outside compiled graphs
-    def fused_forward(self, zxbcdt: torch.Tensor, A: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-        """conv + SSD scan + gated norm + out_proj in mamba-ssm's kernels; doc_ids as seq_idx."""
+    def fused_forward(
+        self, zxbcdt: torch.Tensor, A: torch.Tensor, doc_ids: torch.Tensor | None, return_final_states: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """conv + SSD scan + gated norm + out_proj in mamba-ssm's kernels; doc_ids as seq_idx;
+        with return_final_states also the SSM state after the last position [b, h, p, n]."""
         cfg = self.config
         return self.fused_scan(
             zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, A, self.D,
@@ -76,7 +80,7 @@ class Mamba2Mixer(nn.Module):
             seq_idx=None if doc_ids is None else doc_ids.to(torch.int32),
             activation="silu", rmsnorm_weight=self.norm.weight, rmsnorm_eps=cfg.norm_eps,
             outproj_weight=self.out_proj.weight, headdim=cfg.mamba_head_dim,
-            ngroups=cfg.mamba_n_groups, norm_before_gate=False,
+            ngroups=cfg.mamba_n_groups, norm_before_gate=False, return_final_states=return_final_states,
         )
 
     def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,19 +98,26 @@ class Mamba2Mixer(nn.Module):
         cfg = self.config
         return zxbcdt.split([cfg.mamba_d_inner, cfg.mamba_conv_dim, cfg.mamba_n_heads], dim=-1)
 
-    def ssm_inputs(self, conv_out: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """conv output [..., conv_dim] and raw dt [..., h] -> x [..., h, p], B and C [..., g, n],
-        dt [..., h] (positive, fp32)."""
+    def split_conv_output(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """conv output [..., conv_dim] -> x [..., h, p], B and C [..., g, n]."""
         cfg = self.config
         x, B, C = conv_out.split([cfg.mamba_d_inner, self.bc_dim, self.bc_dim], dim=-1)
         x = x.unflatten(-1, (cfg.mamba_n_heads, cfg.mamba_head_dim))
         B = B.unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state))
         C = C.unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state))
-        return x, B, C, F.softplus(dt.float() + self.dt_bias.float())
+        return x, B, C
+
+    def ssm_inputs(self, conv_out: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """conv output [..., conv_dim] and raw dt [..., h] -> x [..., h, p], B and C [..., g, n],
+        dt [..., h] (positive, fp32)."""
+        return *self.split_conv_output(conv_out), F.softplus(dt.float() + self.dt_bias.float())
 
     def output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Scan output y and input x [..., h, p] (skip connection D), gate z -> [..., hidden]."""
-        y = y + x * self.D[:, None]
+        return self.gate_and_project(y + x * self.D[:, None], z)
+
+    def gate_and_project(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y [..., h, p] (skip connection included), gate z [..., d_inner] -> [..., hidden]."""
         return self.out_proj(self.norm(y.flatten(-2), z))
 
     def reference_forward(
@@ -123,23 +134,50 @@ class Mamba2Mixer(nn.Module):
         return out, MambaState(conv=self.last_conv_inputs(xBC, doc_ids), ssm=ssm_state)
 
     def last_conv_inputs(self, xBC: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-        """The conv window after the last position: the last K-1 inputs of its document, else 0."""
+        """The conv window after the last position, [b, conv_dim, K-1]: the last K-1 inputs of
+        its document, else 0."""
         width = self.config.mamba_conv_kernel - 1
         missing = max(0, width - xBC.shape[1])
         window = F.pad(xBC[:, -width:], (0, 0, missing, 0))  # [b, K-1, conv_dim]
         if doc_ids is not None:
             docs = F.pad(doc_ids[:, -width:], (missing, 0), value=-1)
             window = window * (docs == doc_ids[:, -1:]).unsqueeze(-1)
-        return window
+        return window.transpose(1, 2).contiguous()
 
     def prefill(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None, max_len: int) -> tuple[torch.Tensor, MambaState]:
-        """forward (reference path), also returning the state `step` continues from. max_len is
-        the attention layers' cache length; the state here has a fixed size."""
-        return self.reference_forward(self.in_proj(hidden), doc_ids, return_state=True)
+        """forward, also returning the state `step` continues from. max_len is the attention
+        layers' cache length; the state here has a fixed size."""
+        zxbcdt = self.in_proj(hidden)
+        if not self.use_kernels(hidden):
+            return self.reference_forward(zxbcdt, doc_ids, return_state=True)
+        out, ssm_state = self.fused_forward(zxbcdt, self.A(), doc_ids, return_final_states=True)
+        conv_state = self.last_conv_inputs(self.split_projection(zxbcdt)[1], doc_ids)
+        return out, MambaState(conv=conv_state, ssm=ssm_state.float())
 
-    def step(self, hidden: torch.Tensor, state: MambaState, position: int) -> torch.Tensor:
-        """One token per row: hidden [b, 1, D] -> [b, 1, D], updating state in place."""
+    def step(self, hidden: torch.Tensor, state: MambaState, position: torch.Tensor) -> torch.Tensor:
+        """One token per row: hidden [b, 1, D] -> [b, 1, D], updating state in place (the
+        position does not matter to a recurrence)."""
         z, xBC, dt = self.split_projection(self.in_proj(hidden[:, 0]))
+        if self.step_kernels is not None and hidden.is_cuda:
+            return self.kernel_step(z, xBC, dt, state).unsqueeze(1)
         x, B, C, dt = self.ssm_inputs(F.silu(causal_conv1d_step(state.conv, xBC, self.conv_weight, self.conv_bias)), dt)
         y = ssd_step(state.ssm, x, dt, self.A(), B, C)  # [b, h, p] fp32
         return self.output(y, x, z).unsqueeze(1)
+
+    def kernel_step(self, z: torch.Tensor, xBC: torch.Tensor, dt: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """`step` in causal-conv1d's and mamba-ssm's single-step kernels: z [b, d_inner], xBC
+        [b, conv_dim], raw dt [b, h] -> [b, hidden]."""
+        conv_update, state_update = self.step_kernels
+        cfg = self.config
+        head_dim, d_state = cfg.mamba_head_dim, cfg.mamba_d_state
+        x, B, C = self.split_conv_output(
+            conv_update(xBC.contiguous(), state.conv, self.conv_weight, self.conv_bias, activation="silu")
+        )
+        # the kernel takes per-channel dt, A, D; stride-0 views tell it they are per head
+        y = state_update(
+            state.ssm, x, dt.unsqueeze(-1).expand(-1, -1, head_dim),
+            self.A()[:, None, None].expand(-1, head_dim, d_state), B, C,
+            D=self.D[:, None].expand(-1, head_dim), dt_bias=self.dt_bias[:, None].expand(-1, head_dim),
+            dt_softplus=True,
+        )  # [b, h, p], D * x included
+        return self.gate_and_project(y, z)

@@ -114,11 +114,11 @@ def ssd_chunked_scan(
 def causal_conv1d_step(
     window: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """One step of causal_conv1d. window [b, K-1, C] holds the previous K-1 inputs and is
+    """One step of causal_conv1d. window [b, C, K-1] holds the previous K-1 inputs and is
     shifted in place to end with x [b, C]; returns out [b, C]."""
-    taps = torch.cat([window, x.unsqueeze(1)], dim=1)  # [b, K, C]
-    window.copy_(taps[:, 1:])
-    out = torch.einsum("bkc,ck->bc", taps, weight)
+    taps = torch.cat([window, x.unsqueeze(-1)], dim=-1)  # [b, C, K]
+    window.copy_(taps[..., 1:])
+    out = torch.einsum("bck,ck->bc", taps, weight)
     return out if bias is None else out + bias
 
 
