@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The figures in docs/performance.md, in one go, on a 2-GPU H200 host (nvidia-h200-x2):
+#   bash benchmarks/h200_suite.sh OUT_DIR [GROUP ...]
+# Groups: trainer-1b (1 GPU; issue 4), scaling-1b (FSDP 1 vs 2, HSDP 2x1), checkpoint-1b (sync vs
+# async save), bamba-9b (FSDP2 over 2 GPUs, eager), bamba-9b-compile. Default: all of them.
+# Each benchmark's whole output is kept in OUT_DIR/<name>.log.
+set -uo pipefail
+out=${1:?usage: h200_suite.sh OUT_DIR [GROUP ...]}
+shift
+groups=${*:-"trainer-1b scaling-1b checkpoint-1b bamba-9b bamba-9b-compile"}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+seq="--seq-len 4096"
+
+bench() {  # name, seconds allowed, command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name: $*"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "exit $?"; grep -E "^(preset|step time|tokens/s/GPU|MFU|peak memory)|sync save|async|blocked" "$out/$name.log" || tail -5 "$out/$name.log"
+}
+torchrun2() { torchrun --standalone --nproc_per_node=2 "$@"; }
+
+for group in $groups; do
+  case $group in
+    trainer-1b)
+      bench 1b-fsdp1 150 python benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 20 --workdir /tmp/b1 ;;
+    scaling-1b)
+      bench 1b-fsdp2 150 torchrun2 benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 20 --workdir /tmp/b2
+      bench 1b-hsdp2x1 150 torchrun2 benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 20 --workdir /tmp/b3 --set parallelism.dp_replicate=2 ;;
+    checkpoint-1b)
+      bench 1b-checkpoint 200 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench ;;
+    bamba-9b)
+      bench 9b-fsdp2-mb1 240 torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 1 --steps 15 --workdir /tmp/b9 ;;
+    bamba-9b-compile)
+      bench 9b-fsdp2-mb1-compile 300 torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 1 --steps 15 --workdir /tmp/b9c --compile ;;
+    *) echo "unknown group $group"; exit 2 ;;
+  esac
+done
