@@ -1,4 +1,4 @@
-"""`fms-bamba COMMAND ...`: train | prepare | plot.
+"""`fms-bamba COMMAND ...`: train | generate | prepare | plot.
 
 Under torchrun: `torchrun --nproc_per_node=N -m fms_bamba.cli train CONFIG --section.field=value`."""
 
@@ -36,6 +36,13 @@ def train_command(argv: list[str]) -> int:
     return 0
 
 
+def generate_command(argv: list[str]) -> int:
+    """generate SOURCE --prompt TEXT: continue text from a run, a checkpoint or a transformers folder."""
+    from fms_bamba.generate import main as generate_main
+
+    return generate_main(argv)
+
+
 def prepare_command(argv: list[str]) -> int:
     """prepare ...: tokenize raw text corpora into loader shards (see `fms-bamba prepare --help`)."""
     from data_loader.prepare import main as prepare_main
@@ -61,6 +68,7 @@ def plot_command(argv: list[str]) -> int:
 # Each command takes the arguments after its name and returns an exit code.
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_command,
+    "generate": generate_command,
     "prepare": prepare_command,
     "plot": plot_command,
 }

@@ -78,6 +78,12 @@ class DecodeState:
     steps_left: int
     """Tokens `decode_step` may still take: the free positions of the KV caches (host side)."""
 
+    def claim_step(self) -> None:
+        """Take one free position, or raise if the caches are full."""
+        if self.steps_left < 1:
+            raise ValueError("decode_step: the KV caches are full; prefill with a larger max_new_tokens")
+        self.steps_left -= 1
+
 
 class Bamba(nn.Module):
     def __init__(self, config: BambaConfig):
@@ -169,9 +175,7 @@ class Bamba(nn.Module):
         own samples."""
         if token_ids.dim() != 1:
             raise ValueError(f"decode_step takes one token per row, token_ids [batch], got {tuple(token_ids.shape)}")
-        if state.steps_left < 1:
-            raise ValueError("decode_step: the KV caches are full; prefill with a larger max_new_tokens")
-        state.steps_left -= 1
+        state.claim_step()
         return self.step_logits(token_ids, state)
 
     def step_logits(self, token_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
