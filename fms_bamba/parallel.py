@@ -61,7 +61,7 @@ def init_distributed(device: torch.device) -> None:
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if "MASTER_ADDR" in os.environ:
+    if "RANK" in os.environ:  # started by torchrun (or an equivalent launcher)
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
