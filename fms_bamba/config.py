@@ -16,6 +16,7 @@ import yaml
 
 from data_loader import DataConfig
 from fms_bamba.checkpoint import CheckpointConfig
+from fms_bamba.evaluate import ValidationConfig
 
 
 @dataclass
@@ -164,6 +165,8 @@ class JobConfig:
     """Saving, resuming and continued training (the default run saves every 100 steps)."""
     metrics: MetricsSection = field(default_factory=MetricsSection)
     """Logging."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Held-out loss and sample completions during training."""
 
 
 class ConfigError(ValueError):

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from data_loader import build_dataloader
 from fms_bamba.checkpoint import CheckpointManager
 from fms_bamba.config import ConfigError, JobConfig, config_to_dict, save_job_config
+from fms_bamba.evaluate import Validator
 from fms_bamba.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
 from fms_bamba.optim import build_lr_scheduler, build_optimizer, validate_lr_scheduler
@@ -189,6 +190,7 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
     resolve_data(cfg)
     try:
         cfg.data.validate()
+        cfg.validation.validate(log_interval=cfg.metrics.log_interval, tokenizer=cfg.model.tokenizer)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
@@ -298,6 +300,7 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
                                    seq_len=cfg.training.seq_len, micro_batch_size=cfg.training.micro_batch_size,
                                    vocab_size=model_cfg.vocab_size)
     state = TrainerState()
+    validator = Validator(cfg, model, rank=info.rank, world_size=info.world_size, device=device)
     ckpt = CheckpointManager(cfg.checkpoint, run_dir, model=model, optimizer=optimizer,
                              lr_scheduler=lr_scheduler, data_loader=data_loader, trainer_state=state,
                              job_config=config_to_dict(cfg))
@@ -357,6 +360,7 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
                     "tokens_seen": state.tokens_seen, "tokens_per_sec_per_gpu": tokens_per_sec_per_gpu,
                     "mfu": tokens_per_sec_per_gpu * flops_per_token / peak_flops if peak_flops else None,
                     "mem_gib": peak_memory_gib(device), "skipped_steps": state.skipped_steps,
+                    **validator(step),  # held-out loss, when due, outside the timed interval
                 })
                 interval_start, interval_steps = time.perf_counter(), 0
                 interval_loss.zero_()

@@ -1,0 +1,82 @@
+"""Validation during training: val_loss (and greedy samples) in metrics.jsonl at the configured
+steps, the same training trajectory with and without it, bad validation configs; then
+`fms-bamba generate` on the run the trainer left."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fms_bamba import default_corpus
+from fms_bamba.cli import main as cli_main
+from fms_bamba.config import ConfigError, load_job_config
+from fms_bamba.train import train
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The built-in corpus machinery on the first 20 stdlib files."""
+    cache = tmp_path_factory.mktemp("cache")
+    sources = default_corpus.stdlib_sources()[:20]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FMS_BAMBA_CACHE", str(cache))
+        patch.setattr(default_corpus, "stdlib_sources", lambda: sources)
+        return default_corpus.default_corpus()
+
+
+def overrides(run_dir: Path, corpus: Path, **extra) -> dict:
+    data = {"root": str(corpus), "datasets": [default_corpus.DATASET_NAME], "num_workers": 0}
+    return {"job.run_dir": str(run_dir), **{f"data.{key}": value for key, value in data.items()},
+            "model.tokenizer": str(corpus / "tokenizer.json"), "training.seq_len": 64,
+            "training.micro_batch_size": 2, "training.steps": 6, "lr_scheduler.warmup_steps": 2,
+            "metrics.log_interval": 2, "checkpoint.interval": 6, "training.device": "cpu", **extra}
+
+
+def validation(corpus: Path, **extra) -> dict:
+    # another seed of the same shards stands in for a held-out set
+    return {"validation.enable": True, "validation.interval": 4, "validation.batches": 2,
+            "validation.data.root": str(corpus), "validation.data.datasets": [default_corpus.DATASET_NAME],
+            "validation.data.seed": 7, **extra}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_val_loss_at_the_configured_steps_leaves_training_unchanged(corpus, tmp_path, capsys):
+    plain_dir, validated_dir = tmp_path / "plain", tmp_path / "validated"
+    train(load_job_config(None, overrides(plain_dir, corpus)))
+    prompts = ["def main(", "import "]
+    train(load_job_config(None, overrides(validated_dir, corpus, **validation(
+        corpus, **{"validation.prompts": prompts, "validation.max_new_tokens": 5}))))
+    out = capsys.readouterr().out
+
+    plain, validated = read_metrics(plain_dir), read_metrics(validated_dir)
+    assert [r["loss"] for r in validated] == [r["loss"] for r in plain]
+    assert [r["grad_norm"] for r in validated] == [r["grad_norm"] for r in plain]
+    assert [r["step"] for r in validated if "val_loss" in r] == [4]
+    record = next(r for r in validated if "val_loss" in r)
+    # a 4096-token model a few steps in: near the uniform loss ln(4096) = 8.3, and finite
+    assert math.isfinite(record["val_loss"]) and 4 < record["val_loss"] < 9
+    assert len(record["val_samples"]) == 2 and all(isinstance(text, str) for text in record["val_samples"])
+    assert f"step 4 | val_loss {record['val_loss']:.4f}" in out
+    assert f"  {prompts[0]!r} -> {record['val_samples'][0]!r}" in out
+
+    # the run directory the trainer left is a SOURCE for generate, tokenizer included
+    assert cli_main(["generate", str(validated_dir), "--prompt", "def main(", "--max-new-tokens", "4",
+                     "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def main(")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"validation.interval": 3}, "validation.interval (3) must be a multiple of metrics.log_interval (2)"),
+    ({"validation.data.datasets": []}, "validation.data.datasets"),
+    ({"validation.batches": 0}, "validation.batches must be >= 1"),
+    ({"validation.prompts": [""]}, "validation.prompts"),
+])
+def test_bad_validation_config_fails_before_training(corpus, tmp_path, extra, message):
+    cfg = load_job_config(None, overrides(tmp_path / "run", corpus, **validation(corpus, **extra)))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
