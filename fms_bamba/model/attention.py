@@ -106,13 +106,17 @@ class Attention(nn.Module):
     def step(self, hidden: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
         """One token per row at `position` ([] int64, on the device): hidden [b, 1, D] -> [b, 1, D],
         filling the cache. Shapes never depend on the position, so a CUDA graph can replay it."""
+        cfg = self.config
+        batch = hidden.shape[0]
         at = position.view(1)
         q, k, v = self.project(hidden, at)
         cache.k.index_copy_(2, at, k)
         cache.v.index_copy_(2, at, v)
         cache.visible.index_fill_(1, at, True)
-        # the whole cache, with the positions not yet written masked out
-        out = F.scaled_dot_product_attention(
-            q, cache.k, cache.v, attn_mask=cache.visible[:, None, None, :], enable_gqa=True
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(hidden.shape[0], 1, -1))
+        # one query per row: each KV head serves its group of query heads straight from the cache
+        # (no copy of the cache per query head), over every position, unwritten ones masked out
+        q = q.view(batch, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim)  # [b, kv, g, d]
+        scores = (q @ cache.k.transpose(2, 3)).float() * cfg.head_dim**-0.5  # [b, kv, g, max_len]
+        scores = scores.masked_fill(~cache.visible[:, None, None, :], float("-inf"))
+        out = scores.softmax(-1).to(cache.v.dtype) @ cache.v  # [b, kv, g, d]
+        return self.o_proj(out.reshape(batch, 1, -1))
