@@ -41,6 +41,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -451,6 +452,7 @@ class CheckpointManager:
         # A CPU group for barriers and async saves, so neither syncs the GPU stream (as torchtitan).
         self.cpu_group = dist.new_group(backend="gloo") if self.distributed else None
         self.pending: tuple[Future, Path, Path, dict] | None = None  # (write, tmp dir, final dir, meta)
+        self.stager: DefaultStager | None = None  # async mode's CPU copy, kept between saves
         self.last_saved_step = -1
 
     # ---- save -------------------------------------------------------------------------------
@@ -474,8 +476,14 @@ class CheckpointManager:
         self._barrier()
         start = time.perf_counter()
         if self.cfg.async_mode == "async":
+            if self.stager is None:
+                # Pinned host buffers, allocated at the first save and reused (as torchtitan's
+                # "async_with_pinned_mem"): the copy off the GPU is what blocks training.
+                cuda = torch.cuda.is_available()
+                self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                           use_async_staging=False, use_non_blocking_copy=cuda))
             future = dcp.async_save(state, checkpoint_id=tmp_dir, process_group=self.cpu_group,
-                                    no_dist=not self.distributed)
+                                    async_stager=self.stager, no_dist=not self.distributed)
             self.pending = (future, tmp_dir, final_dir, meta)
             if self.rank == 0:
                 logger.info("checkpoint step %d: training blocked %.2fs by the async save",
@@ -496,8 +504,11 @@ class CheckpointManager:
         return self.pending is not None and not self.pending[0].done()
 
     def close(self) -> None:
-        """Wait for an async save in flight and commit it; collective."""
+        """Wait for an async save in flight, commit it and free the host buffers; collective."""
         self._commit_pending(wait=True)
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
 
     def _commit_pending(self, *, wait: bool) -> None:
         """Commit the async save once its write is done; with `wait`, block until it is."""
