@@ -19,21 +19,21 @@ bench() {  # name, seconds allowed, command...
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   echo "exit $?"; grep -E "^(preset|step time|tokens/s/GPU|MFU|peak memory)|sync save|async|blocked" "$out/$name.log" || tail -5 "$out/$name.log"
 }
-torchrun2() { torchrun --standalone --nproc_per_node=2 "$@"; }
+torchrun2="torchrun --standalone --nproc_per_node=2"
 
 for group in $groups; do
   case $group in
     trainer-1b)
       bench 1b-fsdp1 150 python benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 20 --workdir /tmp/b1 ;;
     scaling-1b)
-      bench 1b-fsdp2 150 torchrun2 benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 20 --workdir /tmp/b2
-      bench 1b-hsdp2x1 150 torchrun2 benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 20 --workdir /tmp/b3 --set parallelism.dp_replicate=2 ;;
+      bench 1b-fsdp2 150 $torchrun2 benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 20 --workdir /tmp/b2
+      bench 1b-hsdp2x1 150 $torchrun2 benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 20 --workdir /tmp/b3 --set parallelism.dp_replicate=2 ;;
     checkpoint-1b)
       bench 1b-checkpoint 200 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench ;;
     bamba-9b)
-      bench 9b-fsdp2-mb1 240 torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 1 --steps 15 --workdir /tmp/b9 ;;
+      bench 9b-fsdp2-mb1 240 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 1 --steps 15 --workdir /tmp/b9 ;;
     bamba-9b-compile)
-      bench 9b-fsdp2-mb1-compile 300 torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 1 --steps 15 --workdir /tmp/b9c --compile ;;
+      bench 9b-fsdp2-mb1-compile 300 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 1 --steps 15 --workdir /tmp/b9c --compile ;;
     *) echo "unknown group $group"; exit 2 ;;
   esac
 done
