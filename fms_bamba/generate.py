@@ -23,7 +23,7 @@ from tokenizers.decoders import DecodeStream
 
 from checkpoints_tools.common import model_config_of
 from checkpoints_tools.hf import find_tokenizer, read_hf_config
-from fms_bamba.checkpoint import load_tensors, read_meta, resolve_checkpoint
+from fms_bamba.checkpoint import iter_tensors, read_meta, resolve_checkpoint
 from fms_bamba.model import Bamba, BambaConfig
 from fms_bamba.model.decode import CudaGraphDecoder
 
@@ -190,7 +190,8 @@ def load_model(source: Source, *, device: torch.device, dtype: torch.dtype) -> B
     if source.kind == "transformers":
         model = Bamba.from_hf(source.path, dtype=dtype, **runtime)
     else:
-        state = {key.removeprefix("model."): tensor.to(dtype) for key, tensor in load_tensors(source.path).items()}
+        # cast as each tensor is read, so no more than one stored-dtype tensor is held at once
+        state = {key.removeprefix("model."): tensor.to(dtype) for key, tensor in iter_tensors(source.path)}
         with torch.device("meta"):
             model = Bamba(dataclasses.replace(source.config, **runtime))
         model.load_state_dict(state, assign=True)
