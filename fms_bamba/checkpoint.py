@@ -425,6 +425,21 @@ def _json_state(name: str, obj: Any) -> Any:
     return state
 
 
+def _init_from_checkpoint(init_from: str) -> Path:
+    try:
+        return resolve_checkpoint(init_from)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"checkpoint.init_from: {e}") from None
+
+
+def check_init_from(cfg: CheckpointConfig, run_dir: str | os.PathLike) -> None:
+    """Raise FileNotFoundError naming checkpoint.init_from if a run with no checkpoint of its own
+    would start from an init_from that holds no complete checkpoint. Only reads the file system:
+    call it before building anything."""
+    if cfg.init_from and latest_complete_checkpoint(Path(run_dir) / cfg.folder) is None:
+        _init_from_checkpoint(cfg.init_from)
+
+
 class CheckpointManager:
     """Saves, commits, prunes and loads the run's checkpoints. All ranks call every method."""
 
@@ -578,9 +593,9 @@ class CheckpointManager:
                 choice = [(str(latest), True)]
             elif self.cfg.init_from:
                 try:
-                    choice = [(str(resolve_checkpoint(self.cfg.init_from)), False)]
-                except (OSError, ValueError) as e:
-                    choice = [f"checkpoint.init_from: {e}"]
+                    choice = [(str(_init_from_checkpoint(self.cfg.init_from)), False)]
+                except FileNotFoundError as e:
+                    choice = [str(e)]
         if self.distributed:
             dist.broadcast_object_list(choice, src=0, group=self.cpu_group)
         if isinstance(choice[0], str):

@@ -19,6 +19,7 @@ from fms_bamba.checkpoint import (
     CheckpointConfig,
     CheckpointManager,
     UnsafeCheckpointError,
+    check_init_from,
     iter_tensors,
     latest_complete_checkpoint,
     list_checkpoints,
@@ -358,14 +359,16 @@ def test_config_errors_name_the_field(field, value, message):
 
 
 def test_init_from_without_checkpoint_fails_clearly_unless_the_run_resumes(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint.init_from: .*nowhere: no such"):
-        manager(tmp_path, build(), init_from=str(tmp_path / "nowhere")).load()
+    nowhere, empty = CheckpointConfig(init_from=str(tmp_path / "nowhere")), CheckpointConfig(init_from=str(tmp_path / "empty"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="checkpoint.init_from: .*empty: holds no complete checkpoint"):
-        manager(tmp_path, build(), init_from=str(tmp_path / "empty")).load()
-    parts = build()
-    manager(tmp_path, parts, interval=1).save(1)
-    assert manager(tmp_path, build(), init_from=str(tmp_path / "nowhere")).load()  # its own checkpoint
+    for cfg, message in ((nowhere, "nowhere: no such"), (empty, "empty: holds no complete checkpoint")):
+        with pytest.raises(FileNotFoundError, match=f"checkpoint.init_from: .*{message}"):
+            check_init_from(cfg, tmp_path / "run")
+        with pytest.raises(FileNotFoundError, match=f"checkpoint.init_from: .*{message}"):
+            manager(tmp_path / "run", build(), init_from=cfg.init_from).load()
+    manager(tmp_path / "run", build(), interval=1).save(1)
+    check_init_from(nowhere, tmp_path / "run")  # the run resumes from its own checkpoint instead
+    assert manager(tmp_path / "run", build(), init_from=nowhere.init_from).load()
 
 
 if __name__ == "__main__":
