@@ -33,9 +33,9 @@ class PreemptionHandler:
         # Under torchrun a Ctrl-C reaches the launcher, which stops the workers with SIGTERM itself.
         if world_size == 1:
             self.signals.append(signal.SIGINT)
+        self.group = dist.new_group(backend="gloo") if self.distributed else None
         self.received: int | None = None
         self.previous = {sig: signal.signal(sig, self._on_signal) for sig in self.signals}
-        self.group = dist.new_group(backend="gloo") if self.distributed else None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
