@@ -4,13 +4,19 @@ steps, the same training trajectory with and without it, bad validation configs;
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from checkpoints_tools.common import write_model_checkpoint
 from fms_bamba import default_corpus
 from fms_bamba.cli import main as cli_main
 from fms_bamba.config import ConfigError, load_job_config
+from fms_bamba.model import Bamba, BambaConfig
 from fms_bamba.train import train
 
 
@@ -80,3 +86,28 @@ def test_bad_validation_config_fails_before_training(corpus, tmp_path, extra, me
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_two_processes_validate_what_one_process_does(corpus, tmp_path):
+    """2 ranks x micro-batch 2 read the same 8 validation sequences as 1 rank x micro-batch 4, and
+    train the same steps from the same weights (global batch 4); the all-reduced, token-weighted
+    val_loss agrees, and the samples decode through FSDP2 shards split over two ranks."""
+    torch.manual_seed(0)
+    config = BambaConfig.from_preset("tiny", max_seq_len=64)
+    start = write_model_checkpoint(tmp_path / "start", Bamba(config).state_dict(), config, {"format": "test"})
+    settings = {"training.steps": 2, "training.global_batch_sequences": 4, "checkpoint.enable": False,
+                "checkpoint.init_from": str(start), "checkpoint.init_load": "model",
+                **validation(corpus, **{"validation.interval": 2, "validation.prompts": ["def "],
+                                        "validation.max_new_tokens": 3})}
+    train(load_job_config(None, overrides(tmp_path / "one", corpus, **settings, **{"training.micro_batch_size": 4})))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "fms_bamba.cli", "train",
+               *[f"--{key}={json.dumps(value) if isinstance(value, list) else value}"
+                 for key, value in overrides(tmp_path / "two", corpus, **settings).items()]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one")[-1], read_metrics(tmp_path / "two")[-1]
+    assert one["step"] == two["step"] == 2
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-3)
+    assert len(two["val_samples"]) == 1
