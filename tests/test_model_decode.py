@@ -1,5 +1,7 @@
 """Step-wise decoding (conv + SSM state, KV cache) reproduces the full-sequence forward."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -82,3 +84,17 @@ def test_decoding_bad_input(model):
         model.prefill(ids, prompt_lengths=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.prefill(torch.full((1, 3), 4096))
+
+
+
+def test_decoding_a_doc_masked_model(model):
+    """A model trained with doc masking decodes as well: prefill makes its own doc_ids from the
+    padding, so the config's flag changes nothing."""
+    masked = Bamba(dataclasses.replace(model.config, doc_masking=True)).eval()
+    masked.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 4096, (2, 6), generator=torch.Generator().manual_seed(3))
+    outputs = []
+    for net in (model, masked):
+        logits, state = net.prefill(ids, prompt_lengths=torch.tensor([6, 4]), max_new_tokens=1)
+        outputs.append((logits, net.decode_step(logits.argmax(-1), state)))
+    torch.testing.assert_close(outputs[1], outputs[0])
