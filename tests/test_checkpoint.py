@@ -2,7 +2,6 @@
 torchrun worker), plus single-process tests of the offline readers, the restricted unpickler and
 continued training."""
 
-import json
 import logging
 import os
 import pickle
