@@ -233,8 +233,9 @@ def main() -> None:
     print(f"\n## {args.preset}, random {dtype} weights: prefill {args.prompt_len} tokens, then "
           f"{args.new_tokens} decode steps (greedy)")
     model = random_model(config, device, dtype)
-    section("ours", lambda: [time_prefill_and_decode(model, batch, args.prompt_len, args.new_tokens, device)
-                             for batch in args.batch_sizes])
+    for batch in args.batch_sizes:
+        section(f"ours_batch_{batch}", lambda: time_prefill_and_decode(model, batch, args.prompt_len,
+                                                                         args.new_tokens, device))
     if not args.no_transformers:
         torch.cuda.empty_cache() if device.type == "cuda" else None
         section("transformers", lambda: time_transformers(model, args.batch_sizes, args.prompt_len,

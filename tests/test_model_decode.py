@@ -98,3 +98,28 @@ def test_decoding_a_doc_masked_model(model):
         logits, state = net.prefill(ids, prompt_lengths=torch.tensor([6, 4]), max_new_tokens=1)
         outputs.append((logits, net.decode_step(logits.argmax(-1), state)))
     torch.testing.assert_close(outputs[1], outputs[0])
+
+
+def test_fused_prefill_goes_in_slices_under_the_int32_limit(model, monkeypatch):
+    """A batch whose in_proj output exceeds the kernels' int32 offsets is scanned in slices of
+    rows, and the slices' outputs and final states join in order (the kernel stood in for by
+    the reference scan, which agrees with it on GPU)."""
+    mixer = model.layers[0].mixer
+    calls = []
+
+    def fused_scan(zxbcdt, *args, seq_idx=None, return_final_states=False, **kwargs):
+        calls.append(zxbcdt.shape[0])
+        out, state = mixer.reference_forward(zxbcdt, seq_idx, return_state=True)
+        return (out, state.ssm) if return_final_states else out
+
+    monkeypatch.setattr(mixer, "fused_scan", fused_scan)
+    zxbcdt = torch.randn(5, 12, mixer.in_proj.out_features)
+    doc_ids = (torch.arange(12) >= torch.tensor([0, 3, 7, 1, 11])[:, None]).long()
+    whole_out, whole_state = mixer.fused_forward(zxbcdt, mixer.A(), doc_ids, return_final_states=True)
+    whole_plain = mixer.fused_forward(zxbcdt, mixer.A(), None)
+    monkeypatch.setattr("fms_bamba.model.mamba2.KERNEL_MAX_ELEMENTS", 2 * zxbcdt[0].numel())
+    sliced_out, sliced_state = mixer.fused_forward(zxbcdt, mixer.A(), doc_ids, return_final_states=True)
+    torch.testing.assert_close(mixer.fused_forward(zxbcdt, mixer.A(), None), whole_plain)
+    assert calls == [5, 5, 2, 2, 1, 2, 2, 1]
+    torch.testing.assert_close(sliced_out, whole_out)
+    torch.testing.assert_close(sliced_state, whole_state)

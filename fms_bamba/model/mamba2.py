@@ -12,6 +12,10 @@ from fms_bamba.model.config import BambaConfig
 from fms_bamba.model.kernels import kernels_available, mamba_split_conv1d_scan, mamba_step_kernels
 from fms_bamba.model.ssd import causal_conv1d, causal_conv1d_step, ssd_chunked_scan, ssd_step
 
+# mamba-ssm's Triton kernels compute offsets in int32, so one call may span no more elements of
+# zxbcdt than this (bamba-9b at 4096 tokens: 31 sequences); larger batches go in slices.
+KERNEL_MAX_ELEMENTS = 2**31 - 1
+
 
 @dataclass
 class MambaState:
@@ -73,6 +77,14 @@ class Mamba2Mixer(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """conv + SSD scan + gated norm + out_proj in mamba-ssm's kernels; doc_ids as seq_idx;
         with return_final_states also the SSM state after the last position [b, h, p, n]."""
+        rows = max(1, KERNEL_MAX_ELEMENTS // zxbcdt[0].numel())
+        if zxbcdt.shape[0] > rows:
+            parts = [
+                self.fused_forward(zxbcdt[i : i + rows], A, None if doc_ids is None else doc_ids[i : i + rows],
+                                   return_final_states)
+                for i in range(0, zxbcdt.shape[0], rows)
+            ]
+            return tuple(map(torch.cat, zip(*parts))) if return_final_states else torch.cat(parts)
         cfg = self.config
         return self.fused_scan(
             zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, A, self.D,
