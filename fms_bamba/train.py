@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from data_loader import build_dataloader
-from fms_bamba.checkpoint import CheckpointManager
+from fms_bamba.checkpoint import CheckpointManager, check_init_from
 from fms_bamba.config import ConfigError, JobConfig, config_to_dict, save_job_config
 from fms_bamba.evaluate import Validator
 from fms_bamba.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
@@ -193,8 +193,10 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
         cfg.validation.validate(log_interval=cfg.metrics.log_interval, tokenizer=cfg.model.tokenizer)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
-        raise ConfigError(f"checkpoint.init_from: {cfg.checkpoint.init_from} does not exist")
+    try:  # only when this run has no checkpoint of its own: a resumed stage 2 no longer needs stage 1
+        check_init_from(cfg.checkpoint, cfg.job.run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from None
     if cfg.model.tokenizer and not Path(cfg.model.tokenizer).exists():
         raise ConfigError(f"model.tokenizer: {cfg.model.tokenizer} does not exist")
     return model_cfg, plan, device

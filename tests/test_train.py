@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fms_bamba import cli, default_corpus, plot
 from fms_bamba.checkpoint import read_dcp_metadata
 from fms_bamba.config import load_job_config
+from fms_bamba.checkpoint import CheckpointConfig, check_init_from, checkpoint_dir_name, write_checkpoint
 from fms_bamba.config import ConfigError
 from fms_bamba.train import TrainingDiverged, plan_batch, train
 
@@ -166,6 +168,8 @@ def test_consecutive_nans_stop_the_run(corpus, tmp_path):
      r"training\.global_batch_sequences gives 12 sequences per step, which 2 processes x training\.micro_batch_size 4"),
     (lambda tmp, corpus: as_cli_args(tiny_overrides(tmp / "run", corpus, **{"data.root": str(tmp), "data.datasets": ["empty"]})),
      r"data\.datasets: dataset directory .*empty holds no \.arrow or \.parquet shards"),
+    (lambda tmp, corpus: as_cli_args(tiny_overrides(tmp / "run", corpus, **{"checkpoint.init_from": str(tmp / "gone")})),
+     r"checkpoint\.init_from: .*gone"),
 ])
 def test_bad_input_fails_before_the_process_group(corpus, tmp_path, monkeypatch, capsys, make_args, message):
     (tmp_path / "empty").mkdir()
@@ -220,3 +224,14 @@ def test_plan_batch_rejects(training, message):
     cfg = load_job_config(None, {f"training.{key}": value for key, value in training.items()})
     with pytest.raises(ConfigError, match=message):
         plan_batch(cfg, 128)
+
+
+def test_a_run_with_its_own_checkpoint_no_longer_needs_init_from(tmp_path):
+    """A stage-2 run resumes from its own checkpoints even after stage 1's folder is gone;
+    only a run with nothing of its own insists that init_from exists."""
+    cfg = CheckpointConfig(init_from=str(tmp_path / "stage1-removed"))
+    run_dir = tmp_path / "stage2"
+    with pytest.raises(FileNotFoundError, match="checkpoint.init_from"):
+        check_init_from(cfg, run_dir)
+    write_checkpoint(run_dir / cfg.folder / checkpoint_dir_name(7), {"model.w": torch.zeros(2)}, {"step": 7})
+    check_init_from(cfg, run_dir)
