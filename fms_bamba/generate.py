@@ -286,7 +286,9 @@ def main(argv: list[str]) -> int:
     eos = args.eos_token_id if args.eos_token_id is not None else source.config.eos_token_id
     generate = partial(generate_tokens, model, prompts, sampling, eos_token_id=eos, cuda_graph=not args.no_cuda_graph)
     if len(prompts) == 1:
-        stream = DecodeStream(ids=prompts[0], skip_special_tokens=True)
+        stream = DecodeStream(skip_special_tokens=True)
+        for token in prompts[0]:  # the prompt is the context the first new tokens decode in
+            stream.step(tokenizer, token)
         print(texts[0], end="", flush=True)
 
         def show(tokens: list[int]) -> None:
