@@ -2,7 +2,8 @@
 # The figures in docs/performance.md, in one go, on a 2-GPU H200 host (nvidia-h200-x2):
 #   bash benchmarks/h200_suite.sh OUT_DIR [GROUP ...]
 # Groups: trainer-1b (1 GPU; issue 4), scaling-1b (FSDP 1 vs 2, HSDP 2x1), checkpoint-1b (sync vs
-# async save), bamba-9b (FSDP2 over 2 GPUs, eager), bamba-9b-compile. Default: all of them.
+# async save), bamba-9b (FSDP2 over 2 GPUs, eager), bamba-9b-compile,
+# bamba-9b-mb2-compile (micro-batch 2). Default: all of them.
 # Each benchmark's whole output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
 out=${1:?usage: h200_suite.sh OUT_DIR [GROUP ...]}
@@ -34,6 +35,8 @@ for group in $groups; do
       bench 9b-fsdp2-mb1 240 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 1 --steps 15 --workdir /tmp/b9 ;;
     bamba-9b-compile)
       bench 9b-fsdp2-mb1-compile 300 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 1 --steps 15 --workdir /tmp/b9c --compile ;;
+    bamba-9b-mb2-compile)
+      bench 9b-fsdp2-mb2-compile 200 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 12 --workdir /tmp/b9m2 --compile ;;
     *) echo "unknown group $group"; exit 2 ;;
   esac
 done
