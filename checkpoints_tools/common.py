@@ -1,5 +1,5 @@
-"""What every command shares: dtype names, output paths, a checkpoint's model config, the check of
-tensors against that config, and writing an imported model as a committed checkpoint."""
+"""What every command shares: dtype names, output paths, a checkpoint opened with its model config
+and its tensors checked against it, and writing an imported model as a committed checkpoint."""
 
 from __future__ import annotations
 
@@ -8,18 +8,14 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
-from fms_bamba.checkpoint import write_checkpoint
+from fms_bamba.checkpoint import list_tensors, read_meta, resolve_checkpoint, write_checkpoint
+from fms_bamba.generate import DTYPES, model_config_of, runtime_neutral
 from fms_bamba.model import Bamba, BambaConfig
 
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -97,37 +93,27 @@ def check_shapes(found: dict[str, torch.Size], expected: dict[str, torch.Size], 
         raise ValueError(f"{source}: tensors do not match the model config: {'; '.join(problems)}")
 
 
-def runtime_neutral(config: BambaConfig) -> BambaConfig:
-    """`config` with the compute-path choices reset: they belong to a run, not to the weights, and
-    'kernels' / 'flash' would demand GPU packages just to read shapes."""
-    return dataclasses.replace(config, mixer_impl="auto", attn_impl="auto")
+class ModelCheckpoint(NamedTuple):
+    path: Path
+    """The checkpoint directory."""
+    meta: dict
+    """Its meta.json."""
+    config: BambaConfig
+    """The model config meta.json records."""
+    tensors: dict[str, tuple[torch.Size, torch.dtype]]
+    """Framework name (no "model." prefix) -> stored shape and dtype, in the model's order."""
 
 
-def model_config_of(meta: dict, source: str | os.PathLike) -> BambaConfig:
-    """The model config a checkpoint's meta.json records.
-
-    Checkpoints written by these tools carry `model_config` (BambaConfig's fields); the trainer's
-    carry the job config, from which the model config is built as the trainer builds it.
-    """
-    if isinstance(meta.get("model_config"), dict):
-        try:
-            return runtime_neutral(BambaConfig(**meta["model_config"]))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: meta.json model_config is not a valid BambaConfig ({err})") from None
-    job = meta.get("config")
-    if isinstance(job, dict) and isinstance(job.get("model"), dict):
-        from fms_bamba.config import ConfigError, load_job_config
-        from fms_bamba.train import build_model_config
-
-        overrides = {f"model.{key}": value for key, value in job["model"].items()}
-        seq_len = (job.get("training") or {}).get("seq_len")
-        if seq_len is not None:
-            overrides["training.seq_len"] = seq_len
-        try:
-            return runtime_neutral(build_model_config(load_job_config(None, overrides)))
-        except ConfigError as err:
-            raise ValueError(f"{source}: meta.json's job config does not give a model ({err})") from None
-    raise ValueError(f"{source}: meta.json records neither a model_config nor a job config with a model section")
+def open_model_checkpoint(ckpt: str | os.PathLike) -> ModelCheckpoint:
+    """A checkpoint, or a run's latest complete one, whose model tensors match its model config
+    (ValueError naming what does not); reads metadata only."""
+    ckpt_dir = resolve_checkpoint(ckpt)
+    meta = read_meta(ckpt_dir)
+    config = model_config_of(meta, ckpt_dir)
+    expected = model_shapes(config)
+    stored = {key.removeprefix("model."): spec for key, spec in list_tensors(ckpt_dir, "model.").items()}
+    check_shapes({name: shape for name, (shape, _) in stored.items()}, expected, str(ckpt_dir))
+    return ModelCheckpoint(ckpt_dir, meta, config, {name: stored[name] for name in expected})
 
 
 def write_model_checkpoint(out: Path, state: dict[str, torch.Tensor], config: BambaConfig, source: dict) -> Path:

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from checkpoints_tools.common import cast, check_output, check_shapes, model_config_of, model_shapes, replacing
-from fms_bamba.checkpoint import iter_tensors, list_tensors, read_meta, resolve_checkpoint
+from checkpoints_tools.common import cast, check_output, open_model_checkpoint, replacing
+from fms_bamba.checkpoint import iter_tensors, list_tensors
 
 FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch"}
 
@@ -37,13 +37,8 @@ def consolidate(
     out = Path(out)
     file_format = output_format(out)
     check_output(out, overwrite)
-    ckpt_dir = resolve_checkpoint(ckpt)
-    meta = read_meta(ckpt_dir)
-    config = model_config_of(meta, ckpt_dir)
-    expected = model_shapes(config)
-    stored = list_tensors(ckpt_dir, "model.")
-    check_shapes({key.removeprefix("model."): shape for key, (shape, _) in stored.items()}, expected, str(ckpt_dir))
-    keys = [f"model.{name}" for name in expected]
+    ckpt_dir, meta, config, stored = open_model_checkpoint(ckpt)
+    keys = [f"model.{name}" for name in stored]
     if optimizer:
         optimizer_keys = list(list_tensors(ckpt_dir, "optimizer."))
         if not optimizer_keys:

@@ -19,13 +19,14 @@ from checkpoints_tools.common import (
     cast,
     check_output,
     check_shapes,
-    model_config_of,
     model_shapes,
+    open_model_checkpoint,
     output_dtype,
     replacing,
     write_model_checkpoint,
 )
-from fms_bamba.checkpoint import iter_tensors, list_tensors, read_meta, resolve_checkpoint
+from fms_bamba.checkpoint import iter_tensors
+from fms_bamba.generate import find_tokenizer
 from fms_bamba.model import BambaConfig
 from fms_bamba.model import hf_mapping
 
@@ -65,13 +66,6 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def find_tokenizer(ckpt_dir: Path) -> Path | None:
-    """The run's tokenizer/ folder when the checkpoint lies in a run dir (RUN/checkpoints/step-N)."""
-    run_dir = ckpt_dir.parent.parent
-    tokenizer = run_dir / "tokenizer"
-    return tokenizer if (run_dir / "config.yaml").is_file() and tokenizer.is_dir() else None
-
-
 def copy_tokenizer(source: Path, out: Path) -> None:
     """Copy a tokenizer file, or every file of a tokenizer folder, into `out`."""
     for file in [source] if source.is_file() else sorted(f for f in source.iterdir() if f.is_file()):
@@ -95,13 +89,9 @@ def export_hf(
     check_output(out, overwrite)
     if tokenizer is not None and not Path(tokenizer).exists():
         raise FileNotFoundError(f"--tokenizer: {tokenizer} does not exist")
-    ckpt_dir = resolve_checkpoint(ckpt)
-    config = model_config_of(read_meta(ckpt_dir), ckpt_dir)
-    stored = list_tensors(ckpt_dir, "model.")
-    check_shapes({key.removeprefix("model."): shape for key, (shape, _) in stored.items()},
-                 model_shapes(config), str(ckpt_dir))
+    ckpt_dir, _, config, stored = open_model_checkpoint(ckpt)
     layout = hf_layout(config)
-    sizes = {name: shape.numel() * output_dtype(stored[f"model.{name}"][1], dtype).itemsize
+    sizes = {name: shape.numel() * output_dtype(stored[name][1], dtype).itemsize
              for name, (_, shape) in layout.items()}
     shards = plan_shards(sizes, max_bytes)
     tokenizer_source = Path(tokenizer) if tokenizer is not None else find_tokenizer(ckpt_dir)
@@ -125,18 +115,6 @@ def export_hf(
     return out
 
 
-def read_hf_config(hf_dir: Path) -> BambaConfig:
-    path = hf_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {hf_dir} is not a transformers model folder")
-    try:
-        return hf_mapping.config_from_hf(json.loads(path.read_text()))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    except ValueError as err:
-        raise ValueError(f"{hf_dir}: {err}") from None
-
-
 def import_hf(
     hf_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -149,7 +127,7 @@ def import_hf(
     trainer's master weights; None keeps the stored dtype."""
     hf_dir, out = Path(hf_dir), Path(out)
     check_output(out, overwrite)
-    config = read_hf_config(hf_dir)
+    config = hf_mapping.read_hf_config(hf_dir)
     hf_state = hf_mapping.load_safetensors_folder(hf_dir)  # memory-mapped: pages load as tensors are used
     check_shapes({name: tensor.shape for name, tensor in hf_state.items()},
                  {hf_name: shape for hf_name, shape in hf_layout(config).values()}, str(hf_dir))

@@ -6,7 +6,6 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from checkpoints_tools.common import model_config_of
 from fms_bamba.checkpoint import (
     DCP_METADATA_FILE,
     META_FILE,
@@ -15,6 +14,7 @@ from fms_bamba.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
+from fms_bamba.generate import model_config_of
 
 
 def checkpoint_status(ckpt_dir: Path) -> tuple[bool, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -21,11 +22,10 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from checkpoints_tools.common import model_config_of
-from checkpoints_tools.hf import find_tokenizer, read_hf_config
 from fms_bamba.checkpoint import iter_tensors, read_meta, resolve_checkpoint
 from fms_bamba.model import Bamba, BambaConfig
 from fms_bamba.model.decode import CudaGraphDecoder
+from fms_bamba.model.hf_mapping import read_hf_config
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
@@ -141,6 +141,47 @@ class Source:
     """The model config the weights belong to."""
     tokenizer: Path | None
     """tokenizer.json found with the weights (the run's tokenizer/, the folder's file), if any."""
+
+
+def runtime_neutral(config: BambaConfig) -> BambaConfig:
+    """`config` with the compute-path choices reset: they belong to a run, not to the weights, and
+    'kernels' / 'flash' would demand GPU packages just to read shapes."""
+    return dataclasses.replace(config, mixer_impl="auto", attn_impl="auto")
+
+
+def model_config_of(meta: dict, source: str | os.PathLike) -> BambaConfig:
+    """The model config a checkpoint's meta.json records.
+
+    Checkpoints written by the import tools carry `model_config` (BambaConfig's fields); the
+    trainer's carry the job config, from which the model config is built as the trainer builds it.
+    """
+    if isinstance(meta.get("model_config"), dict):
+        try:
+            return runtime_neutral(BambaConfig(**meta["model_config"]))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: meta.json model_config is not a valid BambaConfig ({err})") from None
+    job = meta.get("config")
+    if isinstance(job, dict) and isinstance(job.get("model"), dict):
+        # imported here: fms_bamba.config imports this module (through evaluate), train imports config
+        from fms_bamba.config import ConfigError, load_job_config
+        from fms_bamba.train import build_model_config
+
+        overrides = {f"model.{key}": value for key, value in job["model"].items()}
+        seq_len = (job.get("training") or {}).get("seq_len")
+        if seq_len is not None:
+            overrides["training.seq_len"] = seq_len
+        try:
+            return runtime_neutral(build_model_config(load_job_config(None, overrides)))
+        except ConfigError as err:
+            raise ValueError(f"{source}: meta.json's job config does not give a model ({err})") from None
+    raise ValueError(f"{source}: meta.json records neither a model_config nor a job config with a model section")
+
+
+def find_tokenizer(ckpt_dir: Path) -> Path | None:
+    """The run's tokenizer/ folder when the checkpoint lies in a run dir (RUN/checkpoints/step-N)."""
+    run_dir = ckpt_dir.parent.parent
+    tokenizer = run_dir / "tokenizer"
+    return tokenizer if (run_dir / "config.yaml").is_file() and tokenizer.is_dir() else None
 
 
 def resolve_source(source: str | Path) -> Source:

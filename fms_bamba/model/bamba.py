@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,11 +235,7 @@ class Bamba(nn.Module):
     def from_hf(cls, path: str | Path, *, dtype: torch.dtype | None = None, **config_overrides) -> Bamba:
         """Load a transformers Bamba folder (config.json + safetensors, single or sharded).
         dtype=None keeps the stored dtype."""
-        path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: not a transformers model folder")
-        config = hf_mapping.config_from_hf(json.loads(config_file.read_text()), **config_overrides)
+        config = hf_mapping.read_hf_config(path, **config_overrides)
         hf_state = hf_mapping.load_safetensors_folder(path)
         state = hf_mapping.from_hf_state_dict(hf_state, config)
         if dtype is not None:

@@ -174,6 +174,19 @@ def config_from_hf(hf_config: dict, **overrides) -> BambaConfig:
     return BambaConfig(**{**values, **overrides})
 
 
+def read_hf_config(folder: str | Path, **overrides) -> BambaConfig:
+    """The BambaConfig of a transformers Bamba folder's config.json; errors name the file."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {folder} is not a transformers model folder")
+    try:
+        return config_from_hf(json.loads(path.read_text()), **overrides)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except ValueError as err:
+        raise ValueError(f"{folder}: {err}") from None
+
+
 def load_safetensors_folder(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a transformers folder: model.safetensors, or the shards its index names."""
     path = Path(path)
