@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from tokenizers import Tokenizer
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
 from data_loader import DataConfig, build_dataloader
-from fms_bamba.generate import SamplingConfig, generate_tokens
+from fms_bamba.generate import SamplingConfig, generate_tokens, tokenizer_file
 from fms_bamba.model import Bamba
 
 if TYPE_CHECKING:  # config.py imports this module for ValidationConfig
@@ -69,8 +69,6 @@ class Validator:
         self.tokenizer = None
         self.prompt_ids: list[list[int]] = []
         if self.cfg.enable and self.cfg.prompts:
-            from tokenizers import Tokenizer
-
             self.tokenizer = Tokenizer.from_file(str(tokenizer_file(cfg.model.tokenizer)))
             self.prompt_ids = [self.tokenizer.encode(prompt).ids for prompt in self.cfg.prompts]
             longest = max(len(ids) for ids in self.prompt_ids)
@@ -139,8 +137,3 @@ def register_decoding_methods(model: Bamba) -> None:
         register_fsdp_forward_method(block, "prefill")
         register_fsdp_forward_method(block, "step")
 
-
-def tokenizer_file(path: str) -> Path:
-    """model.tokenizer is a tokenizer.json or a folder holding one."""
-    path = Path(path)
-    return path / "tokenizer.json" if path.is_dir() else path

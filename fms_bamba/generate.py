@@ -200,7 +200,13 @@ def resolve_source(source: str | Path) -> Source:
         raise ValueError(
             f"SOURCE {path} is not a run directory, a checkpoint or a transformers Bamba folder: {err}") from None
     run_tokenizer = find_tokenizer(ckpt)
-    return Source("checkpoint", ckpt, config, None if run_tokenizer is None else run_tokenizer / "tokenizer.json")
+    return Source("checkpoint", ckpt, config, None if run_tokenizer is None else tokenizer_file(run_tokenizer))
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """A tokenizer.json given as itself or as the folder holding it."""
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
 
 
 def load_tokenizer(path: Path | None, source: Source) -> Tokenizer:
@@ -210,7 +216,7 @@ def load_tokenizer(path: Path | None, source: Source) -> Tokenizer:
         if source.tokenizer is None or not source.tokenizer.is_file():
             raise FileNotFoundError(f"{source.path} has no tokenizer stored with it; pass --tokenizer PATH")
         path = source.tokenizer
-    file = path / "tokenizer.json" if path.is_dir() else path
+    file = tokenizer_file(path)
     if not file.is_file():
         raise FileNotFoundError(f"--tokenizer: {file} does not exist")
     try:
