@@ -18,7 +18,6 @@ DCP's own metadata classes and nothing else, and DCP's byte items are read with
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -52,6 +51,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 logger = logging.getLogger(__name__)
 
+CHECKPOINTS_FOLDER = "checkpoints"
+"""The run dir's sub-directory of checkpoints; fixed, so every reader of a run dir finds them."""
 META_FILE = "meta.json"
 DCP_METADATA_FILE = ".metadata"
 TMP_SUFFIX = ".tmp"
@@ -86,8 +87,6 @@ class CheckpointConfig:
     """What init_from supplies: "model" | "model+optimizer" | "model+optimizer+data"."""
     init_keep_step: bool = False
     """Keep init_from's step counter and LR-schedule position (else start at step 0)."""
-    folder: str = "checkpoints"
-    """Sub-directory of the run dir holding the checkpoints."""
 
     def __post_init__(self) -> None:
         _validate_config(self)
@@ -104,8 +103,6 @@ def _validate_config(cfg: CheckpointConfig) -> None:
         raise ValueError(
             f"checkpoint.init_load must be one of {tuple(INIT_LOAD_PARTS)}, got {cfg.init_load!r}"
         )
-    if not cfg.folder or Path(cfg.folder).is_absolute() or ".." in Path(cfg.folder).parts:
-        raise ValueError(f"checkpoint.folder must be a relative path inside the run dir, got {cfg.folder!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,7 +219,7 @@ def checkpoint_dir_name(step: int) -> str:
 
 def _checkpoints_folder(path: Path) -> Path:
     """A run dir's checkpoints folder, or `path` itself when it is one."""
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return path / CHECKPOINTS_FOLDER if (path / CHECKPOINTS_FOLDER).is_dir() else path
 
 
 def read_meta(ckpt_dir: str | os.PathLike) -> dict:
@@ -436,7 +433,7 @@ def check_init_from(cfg: CheckpointConfig, run_dir: str | os.PathLike) -> None:
     """Raise FileNotFoundError naming checkpoint.init_from if a run with no checkpoint of its own
     would start from an init_from that holds no complete checkpoint. Only reads the file system:
     call it before building anything."""
-    if cfg.init_from and latest_complete_checkpoint(Path(run_dir) / cfg.folder) is None:
+    if cfg.init_from and latest_complete_checkpoint(Path(run_dir) / CHECKPOINTS_FOLDER) is None:
         _init_from_checkpoint(cfg.init_from)
 
 
@@ -453,14 +450,14 @@ class CheckpointManager:
         lr_scheduler: Any,
         data_loader: Any,
         trainer_state: Any,
-        job_config: Any = None,
+        job_config: dict | None = None,
     ):
         _validate_config(cfg)
         self.cfg = cfg
-        self.folder = Path(run_dir) / cfg.folder
+        self.folder = Path(run_dir) / CHECKPOINTS_FOLDER
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.data_loader, self.trainer_state = data_loader, trainer_state
-        self.job_config = dataclasses.asdict(job_config) if dataclasses.is_dataclass(job_config) else job_config
+        self.job_config = job_config  # the resolved config as plain data, kept in meta.json
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1

@@ -14,10 +14,15 @@ import torch
 import yaml
 
 from fms_bamba import cli, default_corpus, plot
-from fms_bamba.checkpoint import read_dcp_metadata
-from fms_bamba.config import load_job_config
-from fms_bamba.checkpoint import CheckpointConfig, check_init_from, checkpoint_dir_name, write_checkpoint
-from fms_bamba.config import ConfigError
+from fms_bamba.checkpoint import (
+    CHECKPOINTS_FOLDER,
+    CheckpointConfig,
+    check_init_from,
+    checkpoint_dir_name,
+    read_dcp_metadata,
+    write_checkpoint,
+)
+from fms_bamba.config import ConfigError, load_job_config
 from fms_bamba.train import TrainingDiverged, plan_batch, train
 
 CONTRACT_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec_per_gpu", "mfu", "mem_gib"}
@@ -233,5 +238,5 @@ def test_a_run_with_its_own_checkpoint_no_longer_needs_init_from(tmp_path):
     run_dir = tmp_path / "stage2"
     with pytest.raises(FileNotFoundError, match="checkpoint.init_from"):
         check_init_from(cfg, run_dir)
-    write_checkpoint(run_dir / cfg.folder / checkpoint_dir_name(7), {"model.w": torch.zeros(2)}, {"step": 7})
+    write_checkpoint(run_dir / CHECKPOINTS_FOLDER / checkpoint_dir_name(7), {"model.w": torch.zeros(2)}, {"step": 7})
     check_init_from(cfg, run_dir)
