@@ -25,7 +25,7 @@ import traceback
 
 import torch
 
-from fms_bamba.generate import SamplingConfig, generate_tokens
+from fms_bamba.generate import SamplingConfig, generate_tokens, left_pad
 from fms_bamba.model import Bamba, BambaConfig
 from fms_bamba.model.decode import CudaGraphDecoder
 from fms_bamba.model.kernels import kernels_available
@@ -54,11 +54,8 @@ def random_model(config: BambaConfig, device: torch.device, dtype: torch.dtype, 
 
 def same_weights(model: Bamba, config: BambaConfig, dtype: torch.dtype | None = None) -> Bamba:
     """Another Bamba (another compute path) on `model`'s weights, cast to dtype when given."""
-    with torch.device("meta"):
-        twin = Bamba(config)
     state = model.state_dict() if dtype is None else {k: v.to(dtype) for k, v in model.state_dict().items()}
-    twin.load_state_dict(state, assign=True)
-    return twin.eval()
+    return Bamba.from_state_dict(config, state).eval()
 
 
 def teacher_forced_logits(model: Bamba, ids: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor,
@@ -79,19 +76,16 @@ def check(config: BambaConfig, device: torch.device, new_tokens: int) -> dict:
                                 check_token_ids=False)
     reference = random_model(dataclasses.replace(small, mixer_impl="reference"), device, torch.float32)
     fast = same_weights(reference, small)
-    lengths = torch.tensor([300, 77, 5, 260])  # ragged, across chunk boundaries
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, small.vocab_size, (int(n),), generator=gen).tolist() for n in lengths]
+    # ragged, across chunk boundaries
+    prompts = [torch.randint(0, small.vocab_size, (n,), generator=gen).tolist() for n in (300, 77, 5, 260)]
     greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
     tokens_ref = generate_tokens(reference, prompts, greedy, cuda_graph=False)
     use_graph = device.type == "cuda"
     tokens_fast = generate_tokens(fast, prompts, greedy, cuda_graph=use_graph)
     agree = sum(a == b for ref_row, row in zip(tokens_ref, tokens_fast) for a, b in zip(ref_row, row))
 
-    width = int(lengths.max())
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
+    ids, lengths = left_pad(prompts)
     ids, forced = ids.to(device), torch.tensor(tokens_ref, device=device)
     gold = teacher_forced_logits(reference, ids, lengths, forced, cuda_graph=False)
     fast_logits = teacher_forced_logits(fast, ids, lengths, forced, cuda_graph=use_graph)
@@ -237,7 +231,8 @@ def main() -> None:
         section(f"ours_batch_{batch}", lambda: time_prefill_and_decode(model, batch, args.prompt_len,
                                                                          args.new_tokens, device))
     if not args.no_transformers:
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         section("transformers", lambda: time_transformers(model, args.batch_sizes, args.prompt_len,
                                                           args.hf_new_tokens, device, START + args.time_budget))
     report["seconds"] = time.perf_counter() - START

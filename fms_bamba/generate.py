@@ -79,6 +79,19 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     return (probs / noise).argmax(-1)
 
 
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts (token ids) as one batch [B, longest], left-padded with 0, and their lengths [B] for
+    `Bamba.prefill` (None when every prompt is as long: nothing to mask)."""
+    lengths = [len(prompt) for prompt in prompts]
+    if min(lengths) < 1:
+        raise ValueError("every prompt needs at least one token")
+    width = max(lengths)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+    return ids, torch.tensor(lengths) if min(lengths) < width else None
+
+
 @torch.no_grad()
 def generate_tokens(
     model: Bamba,
@@ -94,14 +107,8 @@ def generate_tokens(
     each step's tokens (one per row) as they come, which waits for the device every step;
     without it the loop waits only every 32 steps, to see whether every row has ended."""
     device = model.output.weight.device
-    lengths = [len(prompt) for prompt in prompts]
-    width, batch, new_tokens = max(lengths), len(prompts), sampling.max_new_tokens
-    if min(lengths) < 1:
-        raise ValueError("every prompt needs at least one token")
-    ids = torch.zeros(batch, width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-    prompt_lengths = torch.tensor(lengths) if min(lengths) < width else None
+    batch, new_tokens = len(prompts), sampling.max_new_tokens
+    ids, prompt_lengths = left_pad(prompts)
     # the last sampled token is never fed back: the caches need room for new_tokens - 1
     logits, state = model.prefill(ids.to(device), prompt_lengths, max_new_tokens=new_tokens - 1)
     if cuda_graph and device.type == "cuda":
@@ -239,9 +246,7 @@ def load_model(source: Source, *, device: torch.device, dtype: torch.dtype) -> B
     else:
         # cast as each tensor is read, so no more than one stored-dtype tensor is held at once
         state = {key.removeprefix("model."): tensor.to(dtype) for key, tensor in iter_tensors(source.path)}
-        with torch.device("meta"):
-            model = Bamba(dataclasses.replace(source.config, **runtime))
-        model.load_state_dict(state, assign=True)
+        model = Bamba.from_state_dict(dataclasses.replace(source.config, **runtime), state)
     return model.to(device).eval()
 
 

@@ -236,10 +236,14 @@ class Bamba(nn.Module):
         """Load a transformers Bamba folder (config.json + safetensors, single or sharded).
         dtype=None keeps the stored dtype."""
         config = hf_mapping.read_hf_config(path, **config_overrides)
-        hf_state = hf_mapping.load_safetensors_folder(path)
-        state = hf_mapping.from_hf_state_dict(hf_state, config)
+        state = hf_mapping.from_hf_state_dict(hf_mapping.load_safetensors_folder(path), config)
         if dtype is not None:
             state = {name: tensor.to(dtype) for name, tensor in state.items()}
+        return cls.from_state_dict(config, state)
+
+    @classmethod
+    def from_state_dict(cls, config: BambaConfig, state: dict[str, torch.Tensor]) -> Bamba:
+        """A model whose parameters are `state`'s tensors themselves: no copy, no initialisation."""
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(state, assign=True)
