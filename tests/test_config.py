@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from fms_bamba.config import ConfigError, JobConfig, load_job_config, save_job_config
+from fms_bamba.config import ConfigError, JobConfig, config_to_dict, load_job_config, save_job_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -18,6 +19,21 @@ def test_configs_exist():
 def test_every_config_loads(path):
     cfg = load_job_config(path)
     assert isinstance(cfg, JobConfig)
+
+
+def dotted_keys(mapping: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in mapping.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_mirrors_job_config(path):
+    """Each file lists every field of JobConfig, so it shows all a user can set."""
+    assert dotted_keys(yaml.safe_load(path.read_text())) == dotted_keys(config_to_dict(JobConfig()))
 
 
 def test_tiny_yaml_is_the_default():
@@ -34,12 +50,15 @@ def test_stage_configs_follow_the_recipe():
     assert (stage1.optimizer.lr, stage1.optimizer.beta1, stage1.optimizer.beta2) == (3e-4, 0.9, 0.95)
     assert (stage1.optimizer.weight_decay, stage1.training.max_grad_norm) == (0.1, 1.0)
     assert (stage1.lr_scheduler.warmup_steps, stage1.lr_scheduler.decay, stage1.lr_scheduler.min_lr) == (2000, "cosine", 1e-5)
+    assert stage1.lr_scheduler.warmup_shape == "linear"
 
     stage2 = load_job_config(Path(__file__).parent.parent / "configs" / "bamba-9b-stage2-anneal.yaml")
     assert stage2.checkpoint.init_from == stage1.job.run_dir
     assert stage2.checkpoint.init_load == "model+optimizer" and not stage2.checkpoint.init_keep_step
     assert dict(zip(stage2.data.datasets, stage2.data.weights)) == {"cosmopedia-v2": 60, "fineweb-edu-dedup": 40}
     assert stage2.optimizer.lr == 2e-5 and stage2.lr_scheduler.decay == "cosine"
+    assert (stage2.lr_scheduler.warmup_steps, stage2.lr_scheduler.min_lr) == (0, 0.0)
+    assert (stage2.training.seq_len, stage2.training.global_batch_sequences) == (4096, 384)
     tokens = stage2.training.steps * stage2.training.global_batch_sequences * stage2.training.seq_len
     assert 200e9 <= tokens < 200e9 + tokens_per_step
 
