@@ -22,10 +22,9 @@ import torch.distributed as dist
 
 from fms_bamba.checkpoint import CheckpointConfig, CheckpointManager, latest_complete_checkpoint, read_meta
 from fms_bamba.config import load_job_config
-from fms_bamba.model import Bamba
 from fms_bamba.optim import build_lr_scheduler, build_optimizer
-from fms_bamba.parallel import apply_parallelism, build_mesh, dist_info_from_env, init_distributed
-from fms_bamba.train import DTYPES, TrainerState, build_model_config, pick_device
+from fms_bamba.parallel import build_mesh, dist_info_from_env, init_distributed
+from fms_bamba.train import TrainerState, build_model, build_model_config, pick_device
 
 
 class RandomTokens:
@@ -58,14 +57,7 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
     if rank0 and out_dir.exists():
         shutil.rmtree(out_dir)
 
-    mesh = build_mesh(cfg.parallelism, device)
-    with torch.device("meta"):
-        model = Bamba(model_cfg)
-    apply_parallelism(model, mesh, cfg.parallelism,
-                      param_dtype=DTYPES[cfg.training.dtype] if device.type == "cuda" else torch.float32)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights()
+    model = build_model(model_cfg, build_mesh(cfg.parallelism, device), cfg, device)
     optimizer = build_optimizer(model, cfg.optimizer)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, peak_lr=cfg.optimizer.lr,
                                       total_steps=cfg.training.steps)
