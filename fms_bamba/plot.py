@@ -23,8 +23,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             # The last line of a killed run may be cut short; anything else is damage.
             if number == len(lines):
                 continue
-            raise ValueError(f"{path}:{number} is not a JSON object") from None
-        by_step[int(record["step"])] = record
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}:{number} is not a JSON object with an integer step")
+        by_step[record["step"]] = record
     return [by_step[step] for step in sorted(by_step)]
 
 

@@ -201,6 +201,13 @@ def test_plot_draws_the_run(two_process_run, tmp_path):
     assert cli.main(["plot", str(tmp_path / "nothing")]) == 2
 
 
+@pytest.mark.parametrize("line", ['{"loss": 1.0}', '[5]', '{"step": 5'])
+def test_plot_names_a_damaged_line(tmp_path, capsys, line):
+    (tmp_path / "metrics.jsonl").write_text(f"{line}\n" + '{"step": 10, "loss": 2.0}\n')
+    assert cli.main(["plot", str(tmp_path)]) == 2
+    assert "metrics.jsonl:1 is not a JSON object with an integer step" in capsys.readouterr().err
+
+
 def test_cli_dispatch(capsys):
     assert cli.main([]) == 0 and "train [CONFIG]" in capsys.readouterr().out
     assert cli.main(["fly"]) == 2 and "unknown command 'fly'" in capsys.readouterr().err
