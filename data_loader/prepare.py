@@ -37,6 +37,7 @@ RAW_SUFFIXES = JSON_SUFFIXES + (".parquet", ".txt")
 KNOWN_EOS_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
 KNOWN_BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<bos>")
 ENCODE_BATCH_DOCUMENTS = 256
+DEFAULT_WORKERS = max(1, (os.cpu_count() or 1) - 1)
 
 
 @dataclass
@@ -226,7 +227,7 @@ def prepare_corpus(
     tokenizer_file: Path,
     *,
     text_field: str = "text",
-    num_workers: int = max(1, (os.cpu_count() or 1) - 1),
+    num_workers: int = DEFAULT_WORKERS,
     add_bos: bool = False,
     eos_token: Optional[str | int] = None,
     bos_token: Optional[str | int] = None,
@@ -299,7 +300,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--output", required=True, type=Path, help="dataset directory to write shards into")
     parser.add_argument("--tokenizer", required=True, type=Path, help="a HuggingFace tokenizer.json")
     parser.add_argument("--text-field", default="text", help="JSON field / Parquet column holding the text")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1), help="tokenizer processes")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="tokenizer processes")
     parser.add_argument("--add-bos", action="store_true", help="prepend BOS to every document")
     parser.add_argument("--eos-token", help="EOS token string or id (default: from the tokenizer)")
     parser.add_argument("--bos-token", help="BOS token string or id (default: from the tokenizer)")
