@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from tokenizers import Tokenizer
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
 from data_loader import DataConfig, build_dataloader
-from fms_bamba.generate import SamplingConfig, generate_tokens, tokenizer_file
+from fms_bamba.generate import SamplingConfig, generate_tokens, read_tokenizer
 from fms_bamba.model import Bamba
 
 if TYPE_CHECKING:  # config.py imports this module for ValidationConfig
@@ -69,7 +68,7 @@ class Validator:
         self.tokenizer = None
         self.prompt_ids: list[list[int]] = []
         if self.cfg.enable and self.cfg.prompts:
-            self.tokenizer = Tokenizer.from_file(str(tokenizer_file(cfg.model.tokenizer)))
+            self.tokenizer = read_tokenizer(cfg.model.tokenizer, "model.tokenizer")
             self.prompt_ids = [self.tokenizer.encode(prompt).ids for prompt in self.cfg.prompts]
             longest = max(len(ids) for ids in self.prompt_ids)
             if not 0 < min(len(ids) for ids in self.prompt_ids) <= longest < model.config.max_seq_len:

@@ -216,6 +216,17 @@ def tokenizer_file(path: str | Path) -> Path:
     return path / "tokenizer.json" if path.is_dir() else path
 
 
+def read_tokenizer(path: str | Path, option: str) -> Tokenizer:
+    """The tokenizer at `path` (a tokenizer.json or its folder); errors name `option` and the file."""
+    file = tokenizer_file(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{option}: {file} does not exist")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # the tokenizers library raises plain Exception on a malformed file
+        raise ValueError(f"{option}: {file} is not a tokenizers tokenizer.json ({err})") from None
+
+
 def load_tokenizer(path: Path | None, source: Source) -> Tokenizer:
     """The tokenizer at `path` (a tokenizer.json or a folder holding one), else SOURCE's; its
     vocabulary must fit in the model's."""
@@ -223,16 +234,10 @@ def load_tokenizer(path: Path | None, source: Source) -> Tokenizer:
         if source.tokenizer is None or not source.tokenizer.is_file():
             raise FileNotFoundError(f"{source.path} has no tokenizer stored with it; pass --tokenizer PATH")
         path = source.tokenizer
-    file = tokenizer_file(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--tokenizer: {file} does not exist")
-    try:
-        tokenizer = Tokenizer.from_file(str(file))
-    except Exception as err:  # the tokenizers library raises plain Exception on a malformed file
-        raise ValueError(f"--tokenizer: {file} is not a tokenizers tokenizer.json ({err})") from None
+    tokenizer = read_tokenizer(path, "--tokenizer")
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if vocab > source.config.vocab_size:
-        raise ValueError(f"tokenizer {file} has {vocab} tokens but the model {source.path} only "
+        raise ValueError(f"tokenizer {tokenizer_file(path)} has {vocab} tokens but the model {source.path} only "
                          f"{source.config.vocab_size}: not the model's tokenizer")
     return tokenizer
 

@@ -16,6 +16,7 @@ from checkpoints_tools.common import write_model_checkpoint
 from fms_bamba import default_corpus
 from fms_bamba.cli import main as cli_main
 from fms_bamba.config import ConfigError, load_job_config
+from fms_bamba.evaluate import Validator
 from fms_bamba.model import Bamba, BambaConfig
 from fms_bamba.train import train
 
@@ -111,3 +112,15 @@ def test_two_processes_validate_what_one_process_does(corpus, tmp_path):
     assert one["step"] == two["step"] == 2
     assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-3)
     assert len(two["val_samples"]) == 1
+
+
+def test_validator_names_an_unreadable_tokenizer(tmp_path):
+    (tmp_path / "empty").mkdir()
+    malformed = tmp_path / "tokenizer.json"
+    malformed.write_text("{not json")
+    model = Bamba(BambaConfig.from_preset("tiny"))
+    for path, message in [(tmp_path / "empty", "does not exist"), (malformed, "is not a tokenizers tokenizer.json")]:
+        cfg = load_job_config(None, {"model.tokenizer": str(path), "validation.enable": True,
+                                     "validation.prompts": ["def "]})
+        with pytest.raises((OSError, ValueError), match=f"model.tokenizer: {path}.* {message}"):
+            Validator(cfg, model, rank=0, world_size=1, device=torch.device("cpu"))
