@@ -207,10 +207,6 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
         return value
     return plain(cfg)
 
@@ -271,38 +267,20 @@ def _build(cls: type, raw: Any, *, prefix: str, where: str, base: Any = None):
 
 
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
-    """Convert `value` (from YAML or the command line) to the annotated type, or say why not."""
+    """Convert `value` (from YAML or the command line) to the annotated type, or say why not.
+
+    JobConfig's leaf fields are bool, int, float, str, lists of those, and `X | None`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
+    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{key}{where} must be one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, prefix=f"{key}.", where=where)
-    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        return _coerce(value, next(arg for arg in args if arg is not type(None)), key, where)
+    if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}{where} must be a list, got {value!r}")
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple or hint is tuple else items
-    if origin is dict or hint is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}{where} must be a mapping, got {value!r}")
-        return dict(value)
-    if hint is Any:
-        return value
+        return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.lower() in ("true", "yes", "on", "1")
@@ -331,9 +309,6 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    elif hint is Path or (isinstance(hint, type) and issubclass(hint, os.PathLike)):
-        if isinstance(value, (str, os.PathLike)):
-            return Path(value)
     else:
         raise ConfigError(f"{key}{where}: fields of type {hint} cannot be set from a config")
     raise ConfigError(f"{key}{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")
