@@ -117,6 +117,12 @@ def test_from_hf_missing_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(tiny_config())))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         Bamba.from_hf(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'model.safetensors'}: not a readable safetensors file"):
+        Bamba.from_hf(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match="model.safetensors.index.json: not a safetensors index"):
+        Bamba.from_hf(tmp_path)
 
 
 def test_config_from_hf_reads_transformers_4x_style_bamba_9b():

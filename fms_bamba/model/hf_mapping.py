@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fms_bamba.model.config import BambaConfig
@@ -192,12 +193,18 @@ def load_safetensors_folder(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index}: not a safetensors index, a JSON object with a weight_map ({err!r})") from None
     elif (path / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     state = {}
     for shard in shards:
-        state.update(load_file(path / shard))
+        try:
+            state.update(load_file(path / shard))
+        except SafetensorError as err:  # raised with no file name
+            raise ValueError(f"{path / shard}: not a readable safetensors file ({err})") from None
     return state
