@@ -84,7 +84,8 @@ def test_decoding_bad_input(model):
         model.prefill(ids, prompt_lengths=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.prefill(torch.full((1, 3), 4096))
-
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -2"):
+        model.prefill(ids, max_new_tokens=-2)
 
 
 def test_decoding_a_doc_masked_model(model):

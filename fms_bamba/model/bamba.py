@@ -152,6 +152,8 @@ class Bamba(nn.Module):
         logits [B, V] at the last position and the state `decode_step` continues from, with
         room for max_new_tokens more tokens."""
         batch, seq_len = input_ids.shape
+        if max_new_tokens < 0:
+            raise ValueError(f"prefill: max_new_tokens must be >= 0, got {max_new_tokens}")
         self.check_inputs(input_ids, None, None, extra_positions=max_new_tokens)
         doc_ids = None
         if prompt_lengths is not None:
