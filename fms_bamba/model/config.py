@@ -90,7 +90,7 @@ class BambaConfig:
 
     @property
     def mamba_d_inner(self) -> int:
-        """Mamba-2 inner width: mamba_n_heads * mamba_head_dim."""
+        """Mamba-2 inner width, mamba_expand * hidden_size (validate: = mamba_n_heads * mamba_head_dim)."""
         return self.mamba_expand * self.hidden_size
 
     @property
