@@ -666,7 +666,10 @@ class CheckpointManager:
                 self._sync_lr_to_schedule()
         if "data" in parts:
             if "data_loader" in meta:
-                self.data_loader.load_state_dict(meta["data_loader"])
+                try:  # the loader refuses a state it cannot continue (another seed, changed shards)
+                    self.data_loader.load_state_dict(meta["data_loader"])
+                except ValueError as err:
+                    raise ValueError(f"{ckpt / META_FILE}: {err}") from None
             else:
                 absent("data loader state in meta.json", "init_load")
         if load_rng:

@@ -301,6 +301,22 @@ def test_single_process_save_resume_and_tmp_cleanup(tmp_path):
     assert train_step(*fresh) == train_step(*parts)
 
 
+class RefusingPosition(Position):
+    """A data loader that cannot continue the saved state (as with another data.seed)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        raise ValueError("data loader state: seed 0 differs from data.seed 1")
+
+
+def test_a_refused_data_state_names_the_checkpoint(tmp_path):
+    parts = build(seed=13)
+    manager(tmp_path, parts, interval=1).save(1)
+    model, optimizer, scheduler, _, counters = build(seed=14)
+    resumed = manager(tmp_path, (model, optimizer, scheduler, RefusingPosition(), counters))
+    with pytest.raises(ValueError, match=r"step-00000001/meta\.json: data loader state: seed 0 differs"):
+        resumed.load()
+
+
 def test_write_checkpoint_round_trip_and_incomplete_reasons(tmp_path):
     tensors = {"model.a": torch.arange(6.0).reshape(2, 3), "model.b": torch.ones(4, dtype=torch.bfloat16),
                "optimizer.x": torch.zeros(1)}
