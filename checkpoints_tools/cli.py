@@ -7,7 +7,9 @@ import json
 import pickle
 import sys
 
+from checkpoints_tools import consolidate, describe, export_hf, import_hf, import_original
 from checkpoints_tools.common import parse_dtype
+from checkpoints_tools.inspect_checkpoint import format_description
 
 EXAMPLES = """examples:
   bamba-ckpt inspect runs/default
@@ -70,27 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "consolidate":
-        from checkpoints_tools.consolidate import consolidate
-
         print(consolidate(args.ckpt, args.out, optimizer=args.optimizer, dtype=parse_dtype(args.dtype),
                           overwrite=args.overwrite))
     elif args.command == "export-hf":
-        from checkpoints_tools.hf import export_hf
-
         print(export_hf(args.ckpt, args.out, tokenizer=args.tokenizer, dtype=parse_dtype(args.dtype),
                         max_shard_size=args.max_shard_size, overwrite=args.overwrite))
     elif args.command == "import-hf":
-        from checkpoints_tools.hf import import_hf
-
         print(import_hf(args.hf_dir, args.out, dtype=parse_dtype(args.dtype), overwrite=args.overwrite))
     elif args.command == "import-original":
-        from checkpoints_tools.original import import_original
-
         print(import_original(args.src, args.out, config=args.config, dtype=parse_dtype(args.dtype),
                               overwrite=args.overwrite))
     elif args.command == "inspect":
-        from checkpoints_tools.inspect_checkpoint import describe, format_description
-
         description = describe(args.ckpt)
         print(json.dumps(description, indent=1) if args.json else format_description(description))
         return 0 if description["checkpoint"]["complete"] else 1
