@@ -27,6 +27,7 @@ from fms_bamba.model import Bamba, BambaConfig
 from fms_bamba.model.decode import CudaGraphDecoder
 from fms_bamba.model.hf_mapping import read_hf_config
 
+# --dtype names, here and in bamba-ckpt
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
 
