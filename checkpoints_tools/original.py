@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -172,12 +173,16 @@ def _clean(name: str) -> str:
 
 
 def safe_torch_load(path: Path) -> object:
-    """torch.load with weights_only (plain containers and tensors only), memory-mapped."""
+    """torch.load with weights_only (plain containers and tensors only); memory-mapped when the
+    file is torch's zip format, which mmap needs (torch < 1.6 and `_use_new_zipfile_serialization=
+    False` wrote the legacy format, read whole)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path}: refusing to load: it needs unpickling arbitrary objects, and only "
                          f"weights-only files are read ({str(err).splitlines()[0]})") from None
+    except RuntimeError as err:  # a damaged zip archive; torch's message does not name the file
+        raise ValueError(f"{path}: not a readable torch file ({str(err).splitlines()[0]})") from None
 
 
 class OriginalSource(NamedTuple):

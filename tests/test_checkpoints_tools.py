@@ -237,6 +237,19 @@ def test_original_dcp_directory(model, original_file, tmp_path):
     assert all(torch.equal(restored[f"model.{k}"], v.to(torch.bfloat16)) for k, v in model.state_dict().items())
 
 
+def test_original_torch_file_formats(model, original_file, tmp_path, capsys):
+    """torch's legacy (non-zip) format, which cannot be memory-mapped, imports; a damaged file is named."""
+    legacy, out = tmp_path / "consolidated.00.pth", tmp_path / "imported"
+    torch.save({"model_state": to_mamba_ssm(model)}, legacy, _use_new_zipfile_serialization=False)
+    assert ckpt(["import-original", legacy, out, "--config", original_file.parent / "config.json"]) == 0
+    restored = load_tensors(out)
+    assert all(torch.equal(restored[f"model.{k}"], v) for k, v in model.state_dict().items())
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(original_file.read_bytes()[:1000])
+    assert f"{truncated}: not a readable torch file" in error_of(
+        ["import-original", truncated, tmp_path / "o", "--config", "tiny"], capsys)
+
+
 # --------------------------------------------------------------------------------------------
 # a checkpoint of a 2-process training run
 # --------------------------------------------------------------------------------------------
