@@ -19,6 +19,8 @@ from data_loader.shards import ArrowShard, DatasetIndex, ParquetShard
 
 # Distinct first keys keep the seed streams of the different shuffles apart.
 FILE_ORDER, DOCUMENT_ORDER, SAMPLE_ORDER = 0, 1, 2
+# Shards of one dataset a stream keeps open: a shuffle block spans a few adjacent ones.
+OPEN_SHARDS = 4
 
 
 def seeded_rng(seed: int, name: str, *keys: int) -> np.random.Generator:
@@ -67,7 +69,6 @@ class DatasetStream:
         bos_token_id: Optional[int],
         eos_token_id: Optional[int],
         vocab_size: Optional[int] = None,
-        open_shards: int = 4,
     ):
         self.index = index
         self.seed = seed
@@ -78,8 +79,8 @@ class DatasetStream:
         self.added_per_document = (bos_token_id is not None) + (eos_token_id is not None)
         self.file_tokens = index.tokens + index.documents * self.added_per_document
         self.epoch_tokens = int(self.file_tokens.sum())
-        self._shards = LRUCache(open_shards)
-        self._document_orders = LRUCache(4 * open_shards)
+        self._shards = LRUCache(OPEN_SHARDS)
+        self._document_orders = LRUCache(4 * OPEN_SHARDS)
         self._file_orders = LRUCache(2)
 
     def __getstate__(self) -> dict:
