@@ -368,8 +368,10 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
                 interval_loss.zero_()
                 interval_finite.zero_()
 
-            stop = preemption.stop_requested()
-            ckpt.save(step, force=stop or step == cfg.training.steps)
+            last = step == cfg.training.steps
+            # A signal during the last step changes nothing: the run ends complete (exit 0), not preempted.
+            stop = preemption.stop_requested() and not last
+            ckpt.save(step, force=stop or last)
             if stop:
                 ckpt.close()
                 if info.rank == 0:

@@ -19,10 +19,12 @@ from fms_bamba.checkpoint import (
     CheckpointConfig,
     check_init_from,
     checkpoint_dir_name,
+    latest_complete_checkpoint,
     read_dcp_metadata,
     write_checkpoint,
 )
 from fms_bamba.config import ConfigError, load_job_config
+from fms_bamba.preemption import EXIT_PREEMPTED, PreemptionHandler
 from fms_bamba.train import TrainingDiverged, plan_batch, train
 
 CONTRACT_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec_per_gpu", "mfu", "mem_gib"}
@@ -164,6 +166,26 @@ def test_consecutive_nans_stop_the_run(corpus, tmp_path):
         "metrics.log_interval": 5, "checkpoint.enable": False})
     with pytest.raises(TrainingDiverged, match=r"3 optimizer steps in a row had a non-finite loss"):
         train(load_job_config(None, overrides))
+
+
+class SignalledPreemption(PreemptionHandler):
+    """As if a signal had arrived during the first step."""
+
+    def stop_requested(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("steps, preempted", [(2, True), (1, False)])
+def test_a_signal_in_the_last_step_ends_the_run_complete(corpus, tmp_path, monkeypatch, steps, preempted):
+    monkeypatch.setattr("fms_bamba.train.PreemptionHandler", SignalledPreemption)
+    cfg = load_job_config(None, tiny_overrides(tmp_path / "run", corpus, **{"training.steps": steps, "lr_scheduler.warmup_steps": 1}))
+    if preempted:
+        with pytest.raises(SystemExit) as exit_info:
+            train(cfg)
+        assert exit_info.value.code == EXIT_PREEMPTED
+    else:
+        train(cfg)  # no SystemExit: a finished run must not be requeued
+    assert latest_complete_checkpoint(tmp_path / "run").name == checkpoint_dir_name(1)
 
 
 @pytest.mark.parametrize("make_args, message", [
