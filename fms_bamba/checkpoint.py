@@ -74,7 +74,7 @@ class CheckpointConfig:
 
     enable: bool = True
     """Save checkpoints (resume and init_from work either way)."""
-    interval: int = 500
+    interval: int = 100
     """Save every this many steps; also at the end of the run and on preemption."""
     keep_last: int = 3
     """Committed checkpoints to keep (older ones are deleted); 0 keeps all."""

@@ -161,8 +161,8 @@ class JobConfig:
     """Learning-rate schedule."""
     parallelism: ParallelismSection = field(default_factory=ParallelismSection)
     """FSDP2/HSDP, activation checkpointing, compile."""
-    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(interval=100))
-    """Saving, resuming and continued training (the default run saves every 100 steps)."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving, resuming and continued training."""
     metrics: MetricsSection = field(default_factory=MetricsSection)
     """Logging."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -256,7 +256,7 @@ def _build(cls: type, raw: Any, *, prefix: str, where: str, base: Any = None):
     for name in (name for name in fields if name in raw):
         factory = fields[name].default_factory
         if dataclasses.is_dataclass(hints[name]) and factory is not dataclasses.MISSING:
-            # A section given in part keeps JobConfig's defaults for the rest (e.g. checkpoint.interval).
+            # A section given in part keeps JobConfig's defaults for the rest (e.g. data.shuffle_buffer).
             values[name] = _build(hints[name], raw[name], prefix=f"{prefix}{name}.", where=where, base=factory())
         else:
             values[name] = _coerce(raw[name], hints[name], f"{prefix}{name}", where)
