@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from data_loader.shards import find_shard_files, read_counts_file, read_token_column_type
+from data_loader.shards import dataset_shard_files, read_counts_file, read_token_column_type
 
 
 @dataclass
@@ -85,8 +85,6 @@ class DataConfig:
         for name, path in zip(self.datasets, self.dataset_paths()):
             if not path.is_dir():
                 raise ValueError(f"data.datasets: dataset directory {path} (entry {name!r}) does not exist")
-            files = find_shard_files(path)
-            if not files:
-                raise ValueError(f"data.datasets: dataset directory {path} holds no .arrow or .parquet shards")
+            files = dataset_shard_files(path)
             read_counts_file(path, files)
             read_token_column_type(path / files[0], self.token_column)

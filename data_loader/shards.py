@@ -37,6 +37,14 @@ def find_shard_files(dataset_dir: Path) -> list[str]:
     )
 
 
+def dataset_shard_files(dataset_dir: Path) -> list[str]:
+    """`find_shard_files` of a dataset, which must hold at least one shard."""
+    files = find_shard_files(dataset_dir)
+    if not files:
+        raise ValueError(f"data.datasets: dataset directory {dataset_dir} holds no .arrow or .parquet shards")
+    return files
+
+
 def load_counts(counts_path: Path) -> dict[str, tuple[int, int]]:
     """`{file: (documents, tokens)}` as a counts file lists them."""
     counts: dict[str, tuple[int, int]] = {}
@@ -209,9 +217,7 @@ class DatasetIndex:
 
 def index_dataset(name: str, path: Path, column: str) -> DatasetIndex:
     """Shard sizes of one dataset, from its counts file or else by reading every shard's index."""
-    files = find_shard_files(path)
-    if not files:
-        raise ValueError(f"data.datasets: dataset directory {path} holds no .arrow or .parquet shards")
+    files = dataset_shard_files(path)
     counts = read_counts_file(path, files)
     if counts is None:
         shards = (open_shard(path / file, column).lengths for file in files)
