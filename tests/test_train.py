@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from fms_bamba import cli, default_corpus, plot
 from fms_bamba.checkpoint import (
