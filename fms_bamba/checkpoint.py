@@ -89,20 +89,16 @@ class CheckpointConfig:
     """Keep init_from's step counter and LR-schedule position (else start at step 0)."""
 
     def __post_init__(self) -> None:
-        _validate_config(self)
-
-
-def _validate_config(cfg: CheckpointConfig) -> None:
-    if cfg.interval < 1:
-        raise ValueError(f"checkpoint.interval must be >= 1, got {cfg.interval}")
-    if cfg.keep_last < 0:
-        raise ValueError(f"checkpoint.keep_last must be >= 0 (0 keeps all), got {cfg.keep_last}")
-    if cfg.async_mode not in ASYNC_MODES:
-        raise ValueError(f"checkpoint.async_mode must be one of {ASYNC_MODES}, got {cfg.async_mode!r}")
-    if cfg.init_load not in INIT_LOAD_PARTS:
-        raise ValueError(
-            f"checkpoint.init_load must be one of {tuple(INIT_LOAD_PARTS)}, got {cfg.init_load!r}"
-        )
+        if self.interval < 1:
+            raise ValueError(f"checkpoint.interval must be >= 1, got {self.interval}")
+        if self.keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
+        if self.async_mode not in ASYNC_MODES:
+            raise ValueError(f"checkpoint.async_mode must be one of {ASYNC_MODES}, got {self.async_mode!r}")
+        if self.init_load not in INIT_LOAD_PARTS:
+            raise ValueError(
+                f"checkpoint.init_load must be one of {tuple(INIT_LOAD_PARTS)}, got {self.init_load!r}"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,7 +448,6 @@ class CheckpointManager:
         trainer_state: Any,
         job_config: dict | None = None,
     ):
-        _validate_config(cfg)
         self.cfg = cfg
         self.folder = Path(run_dir) / CHECKPOINTS_FOLDER
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
