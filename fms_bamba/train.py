@@ -345,7 +345,8 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
             logger.advance()
             interval_steps += 1
 
-            if step % cfg.metrics.log_interval == 0 or step == cfg.training.steps:
+            last = step == cfg.training.steps
+            if step % cfg.metrics.log_interval == 0 or last:
                 state.sync()
                 streak = state.longest_skip_streak()
                 if streak >= cfg.training.max_consecutive_skips:
@@ -368,7 +369,6 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
                 interval_loss.zero_()
                 interval_finite.zero_()
 
-            last = step == cfg.training.steps
             # A signal during the last step changes nothing: the run ends complete (exit 0), not preempted.
             stop = preemption.stop_requested() and not last
             ckpt.save(step, force=stop or last)
