@@ -275,11 +275,14 @@ def read_prompts(prompt: str | None, batch_file: str | None) -> list[str]:
     return prompts
 
 
-def encode_prompts(tokenizer: Tokenizer, prompts: list[str], config: BambaConfig) -> list[list[int]]:
-    """Token ids of each prompt; each must leave room for a new token in the model's context."""
+def encode_prompts(
+    tokenizer: Tokenizer, prompts: list[str], config: BambaConfig, batch_file: str | None = None
+) -> list[list[int]]:
+    """Token ids of each prompt (from --prompt, or the lines of batch_file); each must leave room
+    for a new token in the model's context."""
     encoded = [tokenizer.encode(text).ids for text in prompts]
     for number, ids in enumerate(encoded, start=1):
-        where = "--prompt" if len(prompts) == 1 else f"prompt {number}"
+        where = "--prompt" if batch_file is None else f"--batch-file: {batch_file} line {number}"
         if not ids:
             raise ValueError(f"{where} encodes to no tokens")
         if len(ids) >= config.max_seq_len:
@@ -330,7 +333,7 @@ def main(argv: list[str]) -> int:
         texts = read_prompts(args.prompt, args.batch_file)
         source = resolve_source(args.source)
         tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else None, source)
-        prompts = encode_prompts(tokenizer, texts, source.config)
+        prompts = encode_prompts(tokenizer, texts, source.config, args.batch_file)
         room = source.config.max_seq_len - max(len(ids) for ids in prompts)
         if sampling.max_new_tokens > room:
             print(f"fms-bamba generate: the model's context (max_seq_len {source.config.max_seq_len}) leaves "

@@ -160,6 +160,15 @@ def test_bad_input_fails_before_any_weight_loads(run, small_vocab_run, tmp_path,
     assert message in capsys.readouterr().err
 
 
+def test_a_long_batch_file_line_is_named(run, tmp_path, capsys):
+    long_line = "x" * 400
+    for lines in ([long_line], ["x = 1", long_line]):  # a one-line file is not "--prompt" either
+        batch_file = tmp_path / f"{len(lines)}-lines.txt"
+        batch_file.write_text("\n".join(lines) + "\n")
+        assert cli_main(["generate", str(run), "--batch-file", str(batch_file)]) == 2
+        assert f"--batch-file: {batch_file} line {len(lines)} is " in capsys.readouterr().err
+
+
 def test_decode_step_refuses_past_the_caches(run):
     model = load_model(resolve_source(run), device=torch.device("cpu"), dtype=torch.float32)
     _, state = model.prefill(torch.tensor([PROMPTS[1]]), max_new_tokens=1)
