@@ -97,8 +97,11 @@ class BatchPlan:
     """How the global batch splits into micro-batches."""
 
     global_batch_sequences: int
+    """Sequences per optimizer step over all ranks."""
     grad_accum_steps: int
+    """Forward/backward passes of one micro-batch each per rank and optimizer step."""
     tokens_per_step: int
+    """Tokens per optimizer step over all ranks."""
 
 
 def plan_batch(cfg: JobConfig, world_size: int) -> BatchPlan:
