@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from checkpoints_tools.common import (
     write_model_checkpoint,
 )
 from fms_bamba.checkpoint import iter_tensors
-from fms_bamba.generate import find_tokenizer
+from fms_bamba.generate import copy_tokenizer, find_tokenizer
 from fms_bamba.model import BambaConfig
 from fms_bamba.model import hf_mapping
 
@@ -64,12 +63,6 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
         shards[-1].append(name)
         filled += nbytes
     return shards
-
-
-def copy_tokenizer(source: Path, out: Path) -> None:
-    """Copy a tokenizer file, or every file of a tokenizer folder, into `out`."""
-    for file in [source] if source.is_file() else sorted(f for f in source.iterdir() if f.is_file()):
-        shutil.copy2(file, out / file.name)
 
 
 def export_hf(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -215,6 +216,25 @@ def tokenizer_file(path: str | Path) -> Path:
     """A tokenizer.json given as itself or as the folder holding it."""
     path = Path(path)
     return path / "tokenizer.json" if path.is_dir() else path
+
+
+# Files that make up a tokenizer (transformers' and the tokenizers library's); a model folder
+# given as the tokenizer also holds weights, which must not be copied along.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def copy_tokenizer(source: str | Path, target: str | Path) -> None:
+    """Copy a tokenizer into the folder `target`: a file becomes target/tokenizer.json; from a folder,
+    the tokenizer files among TOKENIZER_FILES that it has."""
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    if source.is_file():
+        shutil.copy2(source, target / "tokenizer.json")
+        return
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
 
 
 def read_tokenizer(path: str | Path, option: str) -> Tokenizer:

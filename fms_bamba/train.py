@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import secrets
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from data_loader import build_dataloader
 from fms_bamba.checkpoint import CheckpointManager, check_init_from
 from fms_bamba.config import ConfigError, JobConfig, config_to_dict, save_job_config
 from fms_bamba.evaluate import Validator
+from fms_bamba.generate import copy_tokenizer
 from fms_bamba.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
 from fms_bamba.optim import build_lr_scheduler, build_optimizer, validate_lr_scheduler
@@ -205,20 +205,6 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
     return model_cfg, plan, device
 
 
-def copy_tokenizer(source: str, run_dir: Path) -> None:
-    """RUN_DIR/tokenizer/ gets the run's tokenizer files, so generation needs nothing else."""
-    if not source:
-        return
-    source_path, target = Path(source), run_dir / "tokenizer"
-    target.mkdir(parents=True, exist_ok=True)
-    if source_path.is_dir():
-        for file in source_path.iterdir():
-            if file.is_file():
-                shutil.copy2(file, target / file.name)
-    else:
-        shutil.copy2(source_path, target / "tokenizer.json")
-
-
 def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """L2 norm of all gradients of the job (FSDP2 shards are DTensors: reduce them too)."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
@@ -294,7 +280,8 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_job_config(cfg, run_dir / "config.yaml")
-        copy_tokenizer(cfg.model.tokenizer, run_dir)
+        if cfg.model.tokenizer:  # RUN_DIR/tokenizer/: generation needs nothing else
+            copy_tokenizer(cfg.model.tokenizer, run_dir / "tokenizer")
 
     mesh = build_mesh(cfg.parallelism, device)
     model = build_model(model_cfg, mesh, cfg, device)

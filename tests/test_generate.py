@@ -12,7 +12,7 @@ from checkpoints_tools.common import write_model_checkpoint
 from checkpoints_tools.hf import export_hf
 from fms_bamba import generate
 from fms_bamba.cli import main as cli_main
-from fms_bamba.generate import SamplingConfig, generate_tokens, load_model, resolve_source, sample
+from fms_bamba.generate import SamplingConfig, copy_tokenizer, generate_tokens, load_model, resolve_source, sample
 from fms_bamba.model import Bamba, BambaConfig
 
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0)
@@ -175,3 +175,16 @@ def test_decode_step_refuses_past_the_caches(run):
     model.decode_step(torch.tensor([3]), state)
     with pytest.raises(ValueError, match="caches are full"):
         model.decode_step(torch.tensor([3]), state)
+
+
+def test_copy_tokenizer_takes_tokenizer_files_only(tmp_path):
+    """A model folder given as the tokenizer: its tokenizer files are copied, its weights are not;
+    a single file becomes tokenizer.json."""
+    model_folder = tmp_path / "model"
+    model_folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "config.json"):
+        (model_folder / name).write_text(name)
+    copy_tokenizer(model_folder, tmp_path / "run" / "tokenizer")
+    assert sorted(p.name for p in (tmp_path / "run" / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    copy_tokenizer(model_folder / "tokenizer.json", tmp_path / "single")
+    assert (tmp_path / "single" / "tokenizer.json").read_text() == "tokenizer.json"
