@@ -3,7 +3,9 @@
 #   bash benchmarks/h200_suite.sh OUT_DIR [GROUP ...]
 # Groups: trainer-1b (1 GPU; issue 4), scaling-1b (FSDP 1 vs 2, HSDP 2x1), checkpoint-1b (sync vs
 # async save), bamba-9b (FSDP2 over 2 GPUs, eager), bamba-9b-compile,
-# bamba-9b-mb2-compile (micro-batch 2). Default: all of them.
+# bamba-9b-mb2-compile (micro-batch 2), bamba-9b-profile (that run with torch.profiler on steps
+# 9-10: summary in OUT_DIR/9b-profile-rank0.txt), bamba-9b-fsdp-options (reshard_after_forward
+# and reduce_dtype, micro-batch 2, compile). Default: the first five.
 # Each benchmark's whole output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
 out=${1:?usage: h200_suite.sh OUT_DIR [GROUP ...]}
@@ -37,6 +39,17 @@ for group in $groups; do
       bench 9b-fsdp2-mb1-compile 300 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 1 --steps 15 --workdir /tmp/b9c --compile ;;
     bamba-9b-mb2-compile)
       bench 9b-fsdp2-mb2-compile 200 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 12 --workdir /tmp/b9m2 --compile ;;
+    bamba-9b-profile)
+      bench 9b-profile 220 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 11 --workdir /tmp/b9p --compile \
+        --set profiling.enable=true profiling.start_step=9 profiling.steps=2
+      cp /tmp/b9p/run/profile/rank0.txt "$out/9b-profile-rank0.txt"
+      sed -n '/^per step/,/^$/p' "$out/9b-profile-rank0.txt" ;;
+    bamba-9b-fsdp-options)
+      m2="--preset bamba-9b $seq --micro-batch-size 2 --steps 12 --log-interval 4 --compile"
+      bench 9b-mb2-never-bf16 150 $torchrun2 benchmarks/train.py $m2 --workdir /tmp/b9o \
+        --set parallelism.reshard_after_forward=never parallelism.reduce_dtype=bfloat16
+      bench 9b-mb2-never 150 $torchrun2 benchmarks/train.py $m2 --workdir /tmp/b9o --set parallelism.reshard_after_forward=never
+      bench 9b-mb2-bf16 150 $torchrun2 benchmarks/train.py $m2 --workdir /tmp/b9o --set parallelism.reduce_dtype=bfloat16 ;;
     *) echo "unknown group $group"; exit 2 ;;
   esac
 done

@@ -121,6 +121,23 @@ class ParallelismSection:
     """none | full | every-N (recompute every N-th decoder block, e.g. every-2)."""
     compile: bool = False
     """torch.compile each decoder block."""
+    reshard_after_forward: str = "default"
+    """default (every block but the last) | always | never (keep each block's gathered params
+    from forward to backward: one all-gather per step instead of two, one block's params more memory each)."""
+    reduce_dtype: str = "float32"
+    """Gradient reduce-scatter dtype: float32 | bfloat16 (half the bytes; sums over many ranks lose bits)."""
+
+
+@dataclass
+class ProfilingSection:
+    """torch.profiler traces of a few steps, to see where step time goes."""
+
+    enable: bool = False
+    """Record steps start_step .. start_step + steps - 1 on every rank into RUN_DIR/profile/."""
+    start_step: int = 10
+    """First step recorded (after compilation and warm-up)."""
+    steps: int = 2
+    """How many steps to record."""
 
 
 @dataclass
@@ -165,6 +182,8 @@ class JobConfig:
     """Saving, resuming and continued training."""
     metrics: MetricsSection = field(default_factory=MetricsSection)
     """Logging."""
+    profiling: ProfilingSection = field(default_factory=ProfilingSection)
+    """Step traces for performance work."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     """Held-out loss and sample completions during training."""
 

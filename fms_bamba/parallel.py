@@ -55,6 +55,25 @@ def parse_activation_checkpoint(mode: str) -> int:
     raise ValueError(f"parallelism.activation_checkpoint must be none | full | every-N, got {mode!r}")
 
 
+RESHARD_POLICIES = ("default", "always", "never")
+REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_fsdp_options(cfg: ParallelismSection) -> None:
+    """ValueError naming the field when reshard_after_forward or reduce_dtype is unknown."""
+    if cfg.reshard_after_forward not in RESHARD_POLICIES:
+        raise ValueError(f"parallelism.reshard_after_forward must be one of {RESHARD_POLICIES}, "
+                         f"got {cfg.reshard_after_forward!r}")
+    if cfg.reduce_dtype not in REDUCE_DTYPES:
+        raise ValueError(f"parallelism.reduce_dtype must be one of {tuple(REDUCE_DTYPES)}, got {cfg.reduce_dtype!r}")
+
+
+def reshard_block_after_forward(policy: str, index: int, n_blocks: int) -> bool:
+    """Free block `index`'s gathered params after its forward? By default all but the last
+    block's, whose params backward needs again right away."""
+    return policy == "always" or (policy == "default" and index < n_blocks - 1)
+
+
 def init_distributed(device: torch.device) -> None:
     """Start the process group: NCCL for CUDA tensors, gloo for CPU ones. A single process
     started without torchrun gets a private one-rank group, so every code path is the same."""
@@ -81,15 +100,15 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
 
     Call on a model built under torch.device("meta"); afterwards `to_empty` + `init_weights`."""
     every = parse_activation_checkpoint(cfg.activation_checkpoint)
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    last = len(model.layers) - 1
+    check_fsdp_options(cfg)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=REDUCE_DTYPES[cfg.reduce_dtype])
     for index, block in enumerate(list(model.layers)):
         if every and index % every == 0:
             # checkpoint_wrapper's prefix is stripped from state_dict and DCP keys alike.
             block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
         if cfg.compile:
             block.compile()
-        # The last block's parameters are needed again right away by backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < last)
+        reshard = reshard_block_after_forward(cfg.reshard_after_forward, index, len(model.layers))
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         model.layers[index] = block
     fully_shard(model, mesh=mesh, mp_policy=policy)

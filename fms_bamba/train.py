@@ -31,12 +31,14 @@ from fms_bamba.parallel import (
     DistInfo,
     apply_parallelism,
     build_mesh,
+    check_fsdp_options,
     dist_info_from_env,
     init_distributed,
     parse_activation_checkpoint,
     resolve_mesh_shape,
 )
 from fms_bamba.preemption import EXIT_PREEMPTED, PreemptionHandler
+from fms_bamba.profiling import StepProfiler
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -175,6 +177,7 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
     try:
         resolve_mesh_shape(cfg.parallelism, info.world_size)
         parse_activation_checkpoint(cfg.parallelism.activation_checkpoint)
+        check_fsdp_options(cfg.parallelism)
         validate_lr_scheduler(cfg.lr_scheduler, peak_lr=cfg.optimizer.lr, total_steps=cfg.training.steps)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -188,6 +191,9 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
         raise ConfigError(f"training.max_grad_norm must be >= 0, got {cfg.training.max_grad_norm}")
     if cfg.metrics.log_interval < 1:
         raise ConfigError(f"metrics.log_interval must be >= 1, got {cfg.metrics.log_interval}")
+    if cfg.profiling.start_step < 1 or cfg.profiling.steps < 1:
+        raise ConfigError(f"profiling.start_step and profiling.steps must be >= 1, got "
+                          f"{cfg.profiling.start_step} and {cfg.profiling.steps}")
     if cfg.metrics.wandb_mode not in ("online", "offline"):
         raise ConfigError(f"metrics.wandb_mode must be online | offline, got {cfg.metrics.wandb_mode!r}")
     resolve_data(cfg)
@@ -318,12 +324,14 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
         peak_flops = device_peak_flops(device, cfg.metrics.peak_tflops)
         nan_steps = set(cfg.training.debug_nan_at_steps)
         batches = iter(data_loader)
+        profiler = StepProfiler(cfg.profiling, run_dir, info.rank)
         interval_start, interval_steps = time.perf_counter(), 0
         # Sum and count of the finite step losses since the last record, kept on the device.
         interval_loss, interval_finite = torch.zeros((), device=device), torch.zeros((), device=device)
 
         for step in range(state.step + 1, cfg.training.steps + 1):
             step_lr = lr_scheduler.current_lr()
+            profiler.before_step(step)
             step_loss, grad_norm, skipped = train_step(model, optimizer, batches, plan=plan, cfg=cfg, device=device,
                                                        hsdp=mesh.ndim == 2, poison=step in nan_steps)
             lr_scheduler.step()
@@ -334,6 +342,7 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
             interval_finite += (~skipped).float()
             logger.advance()
             interval_steps += 1
+            profiler.after_step(step)
 
             last = step == cfg.training.steps
             if step % cfg.metrics.log_interval == 0 or last:

@@ -1,6 +1,7 @@
 """The trainer end to end on CPU: a 2-process gloo run, gradient accumulation across ranks, NaN
 skipping, the built-in corpus, bad input before any process group, the plot command."""
 
+import gzip
 import json
 import os
 import re
@@ -79,7 +80,8 @@ def two_process_run(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("two_process") / "run"
     torchrun(2, tiny_overrides(run_dir, corpus, **{
         "training.micro_batch_size": 2, "training.global_batch_sequences": 8, "parallelism.dp_replicate": 2,
-        "parallelism.activation_checkpoint": "every-2"}))
+        "parallelism.activation_checkpoint": "every-2",
+        "profiling.enable": True, "profiling.start_step": 3, "profiling.steps": 2}))
     return run_dir
 
 
@@ -110,6 +112,11 @@ def test_two_process_run_trains(two_process_run, corpus):
     keys = read_dcp_metadata(two_process_run / "checkpoints" / "step-00000030").state_dict_metadata
     assert "model.layers.0.mixer.A_log" in keys
     assert not [key for key in keys if "_checkpoint_wrapped_module" in key or "_orig_mod" in key]
+    # Every rank profiled steps 3..4: a trace with those steps' work and a summary.
+    for rank in (0, 1):
+        trace = json.loads(gzip.decompress((two_process_run / "profile" / f"rank{rank}.json.gz").read_bytes()))
+        assert any("aten::mm" in event.get("name", "") for event in trace["traceEvents"])
+        assert (two_process_run / "profile" / f"rank{rank}.txt").read_text().strip()
 
 
 @pytest.mark.slow
@@ -196,6 +203,10 @@ def test_a_signal_in_the_last_step_ends_the_run_complete(corpus, tmp_path, monke
      r"data\.datasets: dataset directory .*empty holds no \.arrow or \.parquet shards"),
     (lambda tmp, corpus: as_cli_args(tiny_overrides(tmp / "run", corpus, **{"checkpoint.init_from": str(tmp / "gone")})),
      r"checkpoint\.init_from: .*gone"),
+    (lambda tmp, corpus: ["--parallelism.reshard_after_forward=sometimes"],
+     r"parallelism\.reshard_after_forward must be one of \('default', 'always', 'never'\), got 'sometimes'"),
+    (lambda tmp, corpus: ["--parallelism.reduce_dtype=float8"], r"parallelism\.reduce_dtype must be one of"),
+    (lambda tmp, corpus: ["--profiling.steps=0"], r"profiling\.start_step and profiling\.steps must be >= 1"),
 ])
 def test_bad_input_fails_before_the_process_group(corpus, tmp_path, monkeypatch, capsys, make_args, message):
     (tmp_path / "empty").mkdir()

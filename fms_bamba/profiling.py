@@ -1,0 +1,118 @@
+"""`profiling.*`: a torch.profiler trace of a few training steps per rank, and a summary of where
+the GPU's time went in them (busy vs idle, communication hidden vs exposed, kernels by kind).
+
+RUN_DIR/profile/rank{R}.json.gz opens in Perfetto or chrome://tracing; rank{R}.txt holds the
+summary and the top kernels. `python -m fms_bamba.profiling TRACE` prints the summary again."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# First match wins; kernel names as CUDA, cuBLAS, NCCL, Triton and Inductor print them.
+KERNEL_KINDS = (
+    ("communication", r"nccl"),
+    ("optimizer", r"adam|multi_tensor"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|sm90_|wgmma|cublas"),
+    ("attention", r"flash|fmha|attention|cudnn"),
+    ("mamba kernels", r"^_(chunk|state_passing|bmm_chunk|layer_norm|causal_conv)|causal_conv1d|selective"),
+    ("compiled (inductor)", r"^triton_"),
+    ("copies and casts", r"copy|cast|cat_|split|memcpy|memset|fill"),
+)
+
+
+class StepProfiler:
+    """Records steps [start_step, start_step + steps) when enabled; every rank writes its own files."""
+
+    def __init__(self, cfg, run_dir: Path, rank: int):
+        self.cfg, self.rank = cfg, rank
+        self.folder = Path(run_dir) / "profile"
+        self.last_step = cfg.start_step + cfg.steps - 1
+        self.profiler: profile | None = None
+
+    def before_step(self, step: int) -> None:
+        if self.cfg.enable and step == self.cfg.start_step:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.start()
+
+    def after_step(self, step: int) -> None:
+        if self.profiler is None or step != self.last_step:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.profiler.stop()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        trace = self.folder / f"rank{self.rank}.json.gz"
+        self.profiler.export_chrome_trace(str(trace))
+        table = self.profiler.key_averages().table(
+            sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=40)
+        summary = summarize_trace(trace, self.cfg.steps)
+        (self.folder / f"rank{self.rank}.txt").write_text(f"{summary}\n\n{table}\n")
+        if self.rank == 0:
+            print(f"profile of steps {self.cfg.start_step}..{self.last_step} in {self.folder}\n{summary}", flush=True)
+        self.profiler = None
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by [start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def kernel_kind(name: str) -> str:
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def summarize_trace(path: str | Path, steps: int) -> str:
+    """Per recorded step, in ms: the GPU time span, time with no kernel running, communication
+    overlapped with computation and not, and kernel time by kind (summed over streams)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not kernels:
+        return "no GPU kernels recorded"
+    spans = {"communication": [], "compute": []}
+    by_kind: dict[str, float] = defaultdict(float)
+    for e in kernels:
+        kind = kernel_kind(e["name"])
+        by_kind[kind] += e["dur"]
+        spans["communication" if kind == "communication" else "compute"].append((e["ts"], e["ts"] + e["dur"]))
+    start = min(s for s, _ in spans["compute"] + spans["communication"])
+    end = max(e for _, e in spans["compute"] + spans["communication"])
+    compute = union_length(spans["compute"])
+    comm = union_length(spans["communication"])
+    busy = union_length(spans["compute"] + spans["communication"])
+    per_step = lambda us: us / steps / 1e3  # noqa: E731 - microseconds in the window -> ms per step
+    lines = [
+        f"per step (ms), {steps} step(s) recorded:",
+        f"  GPU time span                {per_step(end - start):9.1f}",
+        f"  no kernel running            {per_step(end - start - busy):9.1f}",
+        f"  computation running          {per_step(compute):9.1f}",
+        f"  communication, overlapped    {per_step(compute + comm - busy):9.1f}",
+        f"  communication, exposed       {per_step(busy - compute):9.1f}",
+        "  kernel time by kind (all streams):",
+    ]
+    lines += [f"    {kind:<26} {per_step(us):9.1f}" for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        raise SystemExit("usage: python -m fms_bamba.profiling TRACE.json[.gz] [STEPS]")
+    print(summarize_trace(sys.argv[1], int(sys.argv[2]) if len(sys.argv) == 3 else 1))

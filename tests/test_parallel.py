@@ -1,0 +1,40 @@
+"""apply_parallelism's FSDP2 options on one CPU process: which blocks keep their gathered
+parameters between forward and backward."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from fms_bamba.config import ParallelismSection
+from fms_bamba.model import Bamba, BambaConfig
+from fms_bamba.parallel import apply_parallelism, build_mesh
+
+
+@pytest.fixture
+def process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("policy, gathered_after_forward", [
+    ("default", [False, False, True]),  # the last block's are needed again first in backward
+    ("always", [False, False, False]),
+    ("never", [True, True, True]),
+])
+def test_reshard_after_forward_policy(process_group, policy, gathered_after_forward):
+    config = BambaConfig.from_preset("tiny", n_layers=3, attn_layer_indices=(1,))
+    with torch.device("meta"):
+        model = Bamba(config)
+    cfg = ParallelismSection(reshard_after_forward=policy)
+    apply_parallelism(model, build_mesh(cfg, torch.device("cpu")), cfg)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    loss = model(ids, labels=ids)
+    # A sharded block's parameters are DTensors again; a gathered one's are plain tensors.
+    assert [not isinstance(block.mlp.gate_proj.weight, DTensor) for block in model.layers] == gathered_after_forward
+    loss.backward()
+    assert all(isinstance(p, DTensor) and p.grad is not None for p in model.parameters())

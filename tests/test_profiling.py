@@ -1,0 +1,48 @@
+"""The step-trace summary: GPU busy and idle time, communication overlapped or exposed, kernels by kind."""
+
+import gzip
+import json
+
+import pytest
+
+from fms_bamba.profiling import kernel_kind, summarize_trace, union_length
+
+
+def kernel(name, start, duration, stream):
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": start, "dur": duration, "args": {"stream": stream}}
+
+
+def test_union_length_merges_overlaps():
+    assert union_length([(0, 10), (5, 15), (20, 30), (22, 25)]) == 25
+    assert union_length([]) == 0
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "matmul"),
+    ("_chunk_scan_fwd_kernel", "mamba kernels"),
+    ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "compiled (inductor)"),
+    ("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>", "copies and casts"),
+])
+def test_kernel_kinds(name, kind):
+    assert kernel_kind(name) == kind
+
+
+def test_summary_of_two_steps(tmp_path):
+    # Times in ms (x1000 in the trace's us). Over 2 steps: compute 0..300 and 500..900 on one
+    # stream; communication 200..600 (200 overlapped, 200 alone) and 999..1000 (alone) on another;
+    # nothing runs 900..999.
+    ms = 1000
+    events = [kernel("nvjet_gemm", 0, 300 * ms, 7), kernel("triton_poi_fused_add_0", 500 * ms, 400 * ms, 7),
+              kernel("ncclDevKernel_AllGather", 200 * ms, 400 * ms, 20), kernel("ncclDevKernel_End", 999 * ms, ms, 20),
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5000 * ms}]
+    trace = tmp_path / "rank0.json.gz"
+    trace.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    rows = [line.rsplit(None, 1) for line in summarize_trace(trace, steps=2).splitlines()[1:]]
+    per_step = {label.strip(): float(value) for label, value in rows if value[-1].isdigit()}
+    assert per_step == {
+        "GPU time span": 500.0, "no kernel running": 49.5, "computation running": 350.0,
+        "communication, overlapped": 100.0, "communication, exposed": 100.5,
+        "communication": 200.5, "compiled (inductor)": 200.0, "matmul": 150.0,
+    }
