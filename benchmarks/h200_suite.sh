@@ -5,7 +5,9 @@
 # async save), bamba-9b (FSDP2 over 2 GPUs, eager), bamba-9b-compile,
 # bamba-9b-mb2-compile (micro-batch 2), bamba-9b-profile (that run with torch.profiler on steps
 # 9-10: summary in OUT_DIR/9b-profile-rank0.txt), bamba-9b-fsdp-options (reshard_after_forward
-# and reduce_dtype, micro-batch 2, compile). Default: the first five.
+# and reduce_dtype, micro-batch 2, compile), bamba-9b-best (the fastest configuration, profiled on
+# steps 13-14), loss-match-1b (50 steps of bamba-1b on a learnable corpus: every throughput option
+# vs the reference mixer, eager, fp32 reduce). Default: the first five.
 # Each benchmark's whole output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
 out=${1:?usage: h200_suite.sh OUT_DIR [GROUP ...]}
@@ -50,6 +52,18 @@ for group in $groups; do
         --set parallelism.reshard_after_forward=never parallelism.reduce_dtype=bfloat16
       bench 9b-mb2-never 150 $torchrun2 benchmarks/train.py $m2 --workdir /tmp/b9o --set parallelism.reshard_after_forward=never
       bench 9b-mb2-bf16 150 $torchrun2 benchmarks/train.py $m2 --workdir /tmp/b9o --set parallelism.reduce_dtype=bfloat16 ;;
+    bamba-9b-best)
+      bench 9b-best 240 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 16 --log-interval 4 \
+        --compile --workdir /tmp/b9b --set parallelism.reshard_after_forward=never parallelism.reduce_dtype=bfloat16 \
+        profiling.enable=true profiling.start_step=13 profiling.steps=2
+      cp /tmp/b9b/run/profile/rank0.txt "$out/9b-best-profile-rank0.txt"
+      sed -n '/^per step/,/^$/p' "$out/9b-best-profile-rank0.txt" ;;
+    loss-match-1b)
+      lm="--preset bamba-1b $seq --micro-batch-size 2 --steps 50 --log-interval 1 --learnable-data --workdir /tmp/lm"
+      bench 1b-loss-fast 200 $torchrun2 benchmarks/train.py $lm --run-name fast --compile \
+        --set parallelism.reshard_after_forward=never parallelism.reduce_dtype=bfloat16
+      bench 1b-loss-reference 200 $torchrun2 benchmarks/train.py $lm --run-name reference --set model.mixer_impl=reference
+      python benchmarks/compare_losses.py /tmp/lm/fast /tmp/lm/reference | tee "$out/loss-match-1b.txt" ;;
     *) echo "unknown group $group"; exit 2 ;;
   esac
 done

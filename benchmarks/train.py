@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from fms_bamba.config import load_job_config
 from fms_bamba.model import BambaConfig
@@ -29,19 +30,41 @@ from fms_bamba.train import train
 SHARD_NAME = "shard-0000.parquet"
 
 
-def write_synthetic_dataset(directory: Path, vocab_size: int, documents: int = 512, seed: int = 0) -> Path:
-    """One Parquet shard of random documents (~1M tokens); the loader cycles it in new orders."""
-    shard = directory / f"random-{vocab_size}" / SHARD_NAME
+def write_synthetic_dataset(directory: Path, vocab_size: int, learnable: bool = False, documents: int = 512,
+                            seed: int = 0) -> Path:
+    """One Parquet shard of ~1M tokens of random documents (the loader cycles it in new orders).
+    Uniform random tokens, or with `learnable` a first-order Markov chain over 2,048 of the ids
+    (each token picks its successor from 4 fixed ones) whose loss falls far in a few dozen steps."""
+    shard = directory / f"{'markov' if learnable else 'random'}-{vocab_size}" / SHARD_NAME
     if shard.exists():
         return shard.parent
     shard.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lengths = rng.integers(256, 3840, documents)
-    tokens = [rng.integers(0, vocab_size, length, dtype=np.uint32) for length in lengths]
+    if learnable:
+        ids = rng.choice(vocab_size, 2048, replace=False).astype(np.uint32)
+        successors = rng.integers(0, len(ids), (len(ids), 4))
+        tokens = []
+        for length in lengths:
+            walk = np.empty(length, dtype=np.int64)
+            walk[0] = rng.integers(len(ids))
+            choices = rng.integers(0, 4, length)
+            for t in range(1, length):
+                walk[t] = successors[walk[t - 1], choices[t]]
+            tokens.append(ids[walk])
+    else:
+        tokens = [rng.integers(0, vocab_size, length, dtype=np.uint32) for length in lengths]
     tmp = shard.with_name(f"{shard.name}.tmp-{os.getpid()}")
     pq.write_table(pa.table({"tokens": pa.array(tokens, type=pa.list_(pa.uint32()))}), tmp)
     tmp.rename(shard)
     return shard.parent
+
+
+def profiled(record_steps: tuple[int, int], cfg) -> bool:
+    """Does the logged interval (first, last step) include a step recorded by the profiler?"""
+    first, last = record_steps
+    start, end = cfg.profiling.start_step, cfg.profiling.start_step + cfg.profiling.steps - 1
+    return cfg.profiling.enable and first <= end and start <= last
 
 
 def main() -> None:
@@ -54,6 +77,9 @@ def main() -> None:
     parser.add_argument("--activation-checkpoint", default="none")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--workdir", default="/tmp/fms-bamba-bench")
+    parser.add_argument("--learnable-data", action="store_true",
+                        help="a Markov-chain corpus whose loss falls (for comparing loss curves), not uniform tokens")
+    parser.add_argument("--run-name", default="run", help="run directory under --workdir")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
     args = parser.parse_args()
 
@@ -61,13 +87,13 @@ def main() -> None:
     rank = int(os.environ.get("RANK", 0))
     vocab_size = BambaConfig.from_preset(args.preset).vocab_size
     if rank == 0:
-        dataset = write_synthetic_dataset(workdir, vocab_size)
+        dataset = write_synthetic_dataset(workdir, vocab_size, args.learnable_data)
     else:  # other ranks wait for rank 0's rename; no process group exists yet
-        dataset = workdir / f"random-{vocab_size}"
+        dataset = workdir / f"{'markov' if args.learnable_data else 'random'}-{vocab_size}"
         while not (dataset / SHARD_NAME).exists():
             time.sleep(0.5)
     overrides = [
-        f"job.run_dir={workdir / 'run'}", f"model.preset={args.preset}",
+        f"job.run_dir={workdir / args.run_name}", f"model.preset={args.preset}",
         f"data.root={workdir}", f"data.datasets=[{dataset.name}]", "data.num_workers=2",
         f"training.seq_len={args.seq_len}", f"training.micro_batch_size={args.micro_batch_size}",
         f"training.steps={args.steps}", f"lr_scheduler.warmup_steps={min(5, args.steps)}",
@@ -84,7 +110,10 @@ def main() -> None:
     if rank != 0:
         return
 
-    records = [json.loads(line) for line in metrics.read_text().splitlines()][1:]
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    intervals = zip([0] + [r["step"] for r in logged], [r["step"] for r in logged])
+    # The first interval holds start-up and compilation; profiled ones run slower.
+    records = [r for r, (previous, step) in list(zip(logged, intervals))[1:] if not profiled((previous + 1, step), cfg)]
     if not records:
         raise SystemExit(f"no steady-state records: raise --steps above {args.log_interval}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -98,6 +127,10 @@ def main() -> None:
     print(f"tokens/s/GPU: {tokens_per_sec_per_gpu:,.0f}")
     print(f"MFU: {float(np.mean(mfu)):.1%}" if mfu else "MFU: unknown device peak (set --set metrics.peak_tflops=N)")
     print(f"peak memory: {max(r['mem_gib'] for r in records):.2f} GiB")
+    if torch.cuda.is_available():
+        stats = torch.cuda.memory_stats()
+        print(f"allocator: {stats['num_alloc_retries']} retries (cache flushes), "
+              f"{stats['reserved_bytes.all.peak'] / 2**30:.2f} GiB peak reserved")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import secrets
 import sys
 import time
@@ -217,6 +218,17 @@ def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def set_clipping_and_skipping(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, max_grad_norm: float,
+                              skipped: torch.Tensor) -> None:
+    """Clip to max_grad_norm (0 = off) and skip the update if `skipped`, both inside the fused
+    AdamW kernel: it divides every gradient by `grad_scale` and leaves parameters and moments
+    untouched where `found_inf` is 1. Clipping costs no pass of its own over the gradients."""
+    if max_grad_norm > 0:
+        # clip_grad_norm_'s factor min(1, max / (norm + 1e-6)), as a divisor
+        optimizer.grad_scale = ((grad_norm.float() + 1e-6) / max_grad_norm).clamp(min=1.0)
+    optimizer.found_inf = skipped.float()
+
+
 def shared_run_id(info: DistInfo) -> str:
     """A fresh W&B run id drawn on rank 0 and agreed by all ranks."""
     run_id = [secrets.token_hex(4) if info.rank == 0 else None]
@@ -226,6 +238,9 @@ def shared_run_id(info: DistInfo) -> str:
 
 def train(cfg: JobConfig) -> None:
     """Run (or resume) the job `cfg` describes, in this process as one rank of torchrun's job."""
+    # Segments that grow in place rather than cached blocks of fixed sizes: near a full GPU the
+    # latter fragment, and each failed allocation then frees the cache with a device sync.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     info = dist_info_from_env()
     model_cfg, plan, device = check_job(cfg, info)
     init_distributed(device)
@@ -272,10 +287,7 @@ def train_step(model: Bamba, optimizer: torch.optim.Optimizer, batches, *, plan:
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = global_grad_norm(params)
     skipped = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
-    if cfg.training.max_grad_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, cfg.training.max_grad_norm, grad_norm, foreach=True)
-    # Fused AdamW leaves parameters and moments untouched where found_inf is 1.
-    optimizer.found_inf = skipped.float()
+    set_clipping_and_skipping(optimizer, grad_norm, cfg.training.max_grad_norm, skipped)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm, skipped

@@ -101,3 +101,28 @@ def test_found_inf_skips_the_update():
     optimizer.found_inf = torch.zeros(())
     optimizer.step()
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.05, 1e6, 0.0])  # clipped, under the limit, clipping off
+def test_clipping_inside_the_fused_step_matches_clip_grad_norm(max_grad_norm):
+    """The trainer clips through the fused AdamW's grad_scale; three steps of it must equal
+    clip_grads_with_norm_ followed by a plain step. A large eps makes the update proportional to
+    the gradient (Adam itself is blind to a constant gradient scale), so clipping shows."""
+    from fms_bamba.train import global_grad_norm, set_clipping_and_skipping
+
+    models = [tiny_model(), tiny_model()]  # same seed, same weights
+    optimizers = [build_optimizer(m, OptimizerSection(lr=1e-2, eps=1.0)) for m in models]
+    for step in range(3):
+        ids = torch.randint(0, 4096, (2, 17), generator=torch.Generator().manual_seed(step))
+        for model in models:
+            model(ids[:, :-1], labels=ids[:, 1:]).backward()
+        norms = [global_grad_norm(list(m.parameters())) for m in models]
+        torch.testing.assert_close(norms[1], norms[0], rtol=1e-5, atol=0)
+        if max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(list(models[0].parameters()), max_grad_norm, norms[0], foreach=True)
+        set_clipping_and_skipping(optimizers[1], norms[1], max_grad_norm, torch.zeros((), dtype=torch.bool))
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
