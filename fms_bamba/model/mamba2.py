@@ -10,7 +10,9 @@ from torch import nn
 
 from fms_bamba.model.config import BambaConfig
 from fms_bamba.model.kernels import kernels_available, mamba_split_conv1d_scan, mamba_step_kernels
-from fms_bamba.model.ssd import causal_conv1d, causal_conv1d_step, ssd_chunked_scan, ssd_step
+from fms_bamba.model.ssd import (
+    causal_conv1d_step, gated_rms_norm, split_conv1d_scan, split_conv_output, ssd_step,
+)
 
 # mamba-ssm's Triton kernels compute offsets in int32, so one call may span no more elements of
 # zxbcdt than this (bamba-9b at 4096 tokens: 31 sequences); larger batches go in slices.
@@ -38,9 +40,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         # y [b, s, d_inner] (fp32 from the scan), z [b, s, d_inner] -> z's dtype
-        gated = (y.float() * F.silu(z.float())).unflatten(-1, (self.n_groups, -1))
-        normed = F.rms_norm(gated, (gated.shape[-1],), eps=self.eps).flatten(-2)
-        return self.weight * normed.to(z.dtype)
+        return gated_rms_norm(y, z, self.weight, self.n_groups, self.eps)[0]
 
 
 class Mamba2Mixer(nn.Module):
@@ -50,7 +50,6 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.config = config
         d_inner, n_heads = config.mamba_d_inner, config.mamba_n_heads
-        self.bc_dim = config.mamba_n_groups * config.mamba_d_state
         # one projection for [z (gate), xBC (conv input), dt]
         self.in_proj = nn.Linear(config.hidden_size, d_inner + config.mamba_conv_dim + n_heads, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(config.mamba_conv_dim, config.mamba_conv_kernel))
@@ -95,11 +94,27 @@ class Mamba2Mixer(nn.Module):
             ngroups=cfg.mamba_n_groups, norm_before_gate=False, return_final_states=return_final_states,
         )
 
+    def scan_inputs(self) -> tuple[tuple[torch.Tensor, ...], tuple[int, int, float]]:
+        """The arguments of `split_conv1d_scan` around doc_ids: the weights, then chunk size, groups
+        and norm eps."""
+        cfg = self.config
+        weights = self.conv_weight, self.conv_bias, self.dt_bias, self.A(), self.D, self.norm.weight, self.out_proj.weight
+        return weights, (cfg.mamba_chunk_size, cfg.mamba_n_groups, cfg.norm_eps)
+
+    def reference_forward(
+        self, zxbcdt: torch.Tensor, doc_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv + SSD scan + gated norm + out_proj in plain PyTorch -> out [b, s, hidden] and the SSM
+        state after the last position [b, h, p, n] (fp32, fp64 for fp64)."""
+        weights, settings = self.scan_inputs()
+        out, _, _, ssm_state = split_conv1d_scan(zxbcdt, *weights, doc_ids, *settings)
+        return out, ssm_state
+
     def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         zxbcdt = self.in_proj(hidden)  # [b, s, d_inner + conv_dim + n_heads]
         if self.use_kernels(hidden):
             return self.fused_forward(zxbcdt, self.A(), doc_ids)
-        return self.reference_forward(zxbcdt, doc_ids)
+        return self.reference_forward(zxbcdt, doc_ids)[0]
 
     def A(self) -> torch.Tensor:
         """[n_heads] fp32, negative: how fast each head's state decays."""
@@ -113,11 +128,7 @@ class Mamba2Mixer(nn.Module):
     def split_conv_output(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """conv output [..., conv_dim] -> x [..., h, p], B and C [..., g, n]."""
         cfg = self.config
-        x, B, C = conv_out.split([cfg.mamba_d_inner, self.bc_dim, self.bc_dim], dim=-1)
-        x = x.unflatten(-1, (cfg.mamba_n_heads, cfg.mamba_head_dim))
-        B = B.unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state))
-        C = C.unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state))
-        return x, B, C
+        return split_conv_output(conv_out, cfg.mamba_n_heads, cfg.mamba_head_dim, cfg.mamba_n_groups)
 
     def ssm_inputs(self, conv_out: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """conv output [..., conv_dim] and raw dt [..., h] -> x [..., h, p], B and C [..., g, n],
@@ -131,19 +142,6 @@ class Mamba2Mixer(nn.Module):
     def gate_and_project(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y [..., h, p] (skip connection included), gate z [..., d_inner] -> [..., hidden]."""
         return self.out_proj(self.norm(y.flatten(-2), z))
-
-    def reference_forward(
-        self, zxbcdt: torch.Tensor, doc_ids: torch.Tensor | None, return_state: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, MambaState]:
-        z, xBC, dt = self.split_projection(zxbcdt)
-        x, B, C, dt = self.ssm_inputs(F.silu(causal_conv1d(xBC, self.conv_weight, self.conv_bias, doc_ids)), dt)
-        y, ssm_state = ssd_chunked_scan(
-            x, dt, self.A(), B, C, self.config.mamba_chunk_size, doc_ids, return_final_state=True
-        )  # y [b, s, h, p] fp32
-        out = self.output(y, x, z)
-        if not return_state:
-            return out
-        return out, MambaState(conv=self.last_conv_inputs(xBC, doc_ids), ssm=ssm_state)
 
     def last_conv_inputs(self, xBC: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
         """The conv window after the last position, [b, conv_dim, K-1]: the last K-1 inputs of
@@ -160,11 +158,13 @@ class Mamba2Mixer(nn.Module):
         """forward, also returning the state `step` continues from. max_len is the attention
         layers' cache length; the state here has a fixed size."""
         zxbcdt = self.in_proj(hidden)
-        if not self.use_kernels(hidden):
-            return self.reference_forward(zxbcdt, doc_ids, return_state=True)
-        out, ssm_state = self.fused_forward(zxbcdt, self.A(), doc_ids, return_final_states=True)
+        if self.use_kernels(hidden):
+            out, ssm_state = self.fused_forward(zxbcdt, self.A(), doc_ids, return_final_states=True)
+            ssm_state = ssm_state.float()
+        else:
+            out, ssm_state = self.reference_forward(zxbcdt, doc_ids)
         conv_state = self.last_conv_inputs(self.split_projection(zxbcdt)[1], doc_ids)
-        return out, MambaState(conv=conv_state, ssm=ssm_state.float())
+        return out, MambaState(conv=conv_state, ssm=ssm_state)
 
     def step(self, hidden: torch.Tensor, state: MambaState, position: torch.Tensor) -> torch.Tensor:
         """One token per row: hidden [b, 1, D] -> [b, 1, D], updating state in place (the
