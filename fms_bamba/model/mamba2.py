@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fms_bamba.model.config import BambaConfig
-from fms_bamba.model.kernels import kernels_available, mamba_split_conv1d_scan, mamba_step_kernels
+from fms_bamba.model.fused_mixer_op import split_conv1d_scan_fwd
+from fms_bamba.model.kernels import kernels_available, mamba_step_kernels
 from fms_bamba.model.ssd import (
     causal_conv1d_step, gated_rms_norm, split_conv1d_scan, split_conv_output, ssd_step,
 )
@@ -61,60 +62,49 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(d_inner, config.hidden_size, bias=False)
         # resolved here rather than in forward, so torch.compile never traces the import machinery;
         # "kernels" without the packages fails now, naming the missing one
-        wants_kernels = config.mixer_impl == "kernels" or (config.mixer_impl == "auto" and kernels_available())
-        self.fused_scan = mamba_split_conv1d_scan() if wants_kernels else None
-        self.step_kernels = mamba_step_kernels() if wants_kernels else None
+        self.kernels = config.mixer_impl == "kernels" or (config.mixer_impl == "auto" and kernels_available())
+        self.step_kernels = mamba_step_kernels() if self.kernels else None
 
     def use_kernels(self, x: torch.Tensor) -> bool:
-        if self.fused_scan is not None and not x.is_cuda and self.config.mixer_impl == "kernels":
+        if self.kernels and not x.is_cuda and self.config.mixer_impl == "kernels":
             raise RuntimeError(f"mixer_impl='kernels' runs on CUDA tensors only, got {x.device}")
-        return self.fused_scan is not None and x.is_cuda
-
-    @torch.compiler.disable  # a Triton autograd.Function: run as is, outside compiled graphs
-    def fused_forward(
-        self, zxbcdt: torch.Tensor, A: torch.Tensor, doc_ids: torch.Tensor | None, return_final_states: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """conv + SSD scan + gated norm + out_proj in mamba-ssm's kernels; doc_ids as seq_idx;
-        with return_final_states also the SSM state after the last position [b, h, p, n]."""
-        rows = max(1, KERNEL_MAX_ELEMENTS // zxbcdt[0].numel())
-        if zxbcdt.shape[0] > rows:
-            parts = [
-                self.fused_forward(zxbcdt[i : i + rows], A, None if doc_ids is None else doc_ids[i : i + rows],
-                                   return_final_states)
-                for i in range(0, zxbcdt.shape[0], rows)
-            ]
-            return tuple(map(torch.cat, zip(*parts))) if return_final_states else torch.cat(parts)
-        cfg = self.config
-        return self.fused_scan(
-            zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, A, self.D,
-            chunk_size=cfg.mamba_chunk_size,
-            seq_idx=None if doc_ids is None else doc_ids.to(torch.int32),
-            activation="silu", rmsnorm_weight=self.norm.weight, rmsnorm_eps=cfg.norm_eps,
-            outproj_weight=self.out_proj.weight, headdim=cfg.mamba_head_dim,
-            ngroups=cfg.mamba_n_groups, norm_before_gate=False, return_final_states=return_final_states,
-        )
+        return self.kernels and x.is_cuda
 
     def scan_inputs(self) -> tuple[tuple[torch.Tensor, ...], tuple[int, int, float]]:
-        """The arguments of `split_conv1d_scan` around doc_ids: the weights, then chunk size, groups
-        and norm eps."""
+        """The arguments of `split_conv1d_scan` (and of the fused op) around doc_ids: the weights,
+        then chunk size, groups and norm eps."""
         cfg = self.config
         weights = self.conv_weight, self.conv_bias, self.dt_bias, self.A(), self.D, self.norm.weight, self.out_proj.weight
         return weights, (cfg.mamba_chunk_size, cfg.mamba_n_groups, cfg.norm_eps)
 
+    def fused_forward(self, zxbcdt: torch.Tensor, doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv + SSD scan + gated norm + out_proj as one custom op (mamba-ssm's kernels on CUDA),
+        doc_ids as seq_idx -> out [b, s, hidden] and the SSM state after the last position
+        [b, h, p, n] (fp32)."""
+        rows = max(1, KERNEL_MAX_ELEMENTS // zxbcdt[0].numel())
+        if zxbcdt.shape[0] > rows:
+            parts = [
+                self.fused_forward(zxbcdt[i : i + rows], None if doc_ids is None else doc_ids[i : i + rows])
+                for i in range(0, zxbcdt.shape[0], rows)
+            ]
+            return tuple(map(torch.cat, zip(*parts)))
+        weights, settings = self.scan_inputs()
+        seq_idx = None if doc_ids is None else doc_ids.to(torch.int32)
+        out, _, _, ssm_state = split_conv1d_scan_fwd(zxbcdt, *weights, seq_idx, *settings)
+        return out, ssm_state
+
     def reference_forward(
         self, zxbcdt: torch.Tensor, doc_ids: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """conv + SSD scan + gated norm + out_proj in plain PyTorch -> out [b, s, hidden] and the SSM
-        state after the last position [b, h, p, n] (fp32, fp64 for fp64)."""
+        """`fused_forward` in plain PyTorch, autograd through it (the state in fp64 for fp64)."""
         weights, settings = self.scan_inputs()
         out, _, _, ssm_state = split_conv1d_scan(zxbcdt, *weights, doc_ids, *settings)
         return out, ssm_state
 
     def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         zxbcdt = self.in_proj(hidden)  # [b, s, d_inner + conv_dim + n_heads]
-        if self.use_kernels(hidden):
-            return self.fused_forward(zxbcdt, self.A(), doc_ids)
-        return self.reference_forward(zxbcdt, doc_ids)[0]
+        scan = self.fused_forward if self.use_kernels(hidden) else self.reference_forward
+        return scan(zxbcdt, doc_ids)[0]
 
     def A(self) -> torch.Tensor:
         """[n_heads] fp32, negative: how fast each head's state decays."""
@@ -158,11 +148,8 @@ class Mamba2Mixer(nn.Module):
         """forward, also returning the state `step` continues from. max_len is the attention
         layers' cache length; the state here has a fixed size."""
         zxbcdt = self.in_proj(hidden)
-        if self.use_kernels(hidden):
-            out, ssm_state = self.fused_forward(zxbcdt, self.A(), doc_ids, return_final_states=True)
-            ssm_state = ssm_state.float()
-        else:
-            out, ssm_state = self.reference_forward(zxbcdt, doc_ids)
+        scan = self.fused_forward if self.use_kernels(hidden) else self.reference_forward
+        out, ssm_state = scan(zxbcdt, doc_ids)
         conv_state = self.last_conv_inputs(self.split_projection(zxbcdt)[1], doc_ids)
         return out, MambaState(conv=conv_state, ssm=ssm_state)
 

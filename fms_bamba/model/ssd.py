@@ -1,5 +1,5 @@
 """Pure-PyTorch Mamba-2 pieces: the depthwise causal conv, the chunked SSD scan, the gated norm,
-and the mixer after in_proj built from them (its reference path).
+and the mixer after in_proj built from them (the reference path, and the fused op's CPU kernel).
 
 The conv and the scan optionally restart at packed-document boundaries: given doc_ids [B, S], a
 token only sees tokens of its own document. Documents are contiguous, so "t and u are in one
