@@ -48,6 +48,14 @@ def mamba_split_conv1d_scan() -> Callable:
 
 
 @functools.cache
+def mamba_split_conv1d_scan_fn() -> type:
+    """MambaSplitConv1dScanCombinedFn, the torch.autograd.Function behind `mamba_split_conv1d_scan`,
+    whose static forward and backward the fused op calls."""
+    mamba_split_conv1d_scan()  # checks the packages, and registers mamba_ssm without its __init__
+    return importlib.import_module("mamba_ssm.ops.triton.ssd_combined").MambaSplitConv1dScanCombinedFn
+
+
+@functools.cache
 def mamba_step_kernels() -> tuple[Callable, Callable]:
     """One decoding step: causal-conv1d's `causal_conv1d_update` and mamba-ssm's
     `selective_state_update`; ImportError naming what is missing."""

@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fms_bamba.model.config import BambaConfig
-from fms_bamba.model.kernels import kernels_available, mamba_split_conv1d_scan, mamba_step_kernels
-from fms_bamba.model.ssd import causal_conv1d, causal_conv1d_step, ssd_chunked_scan, ssd_step
+from fms_bamba.model.fused_mixer_op import split_conv1d_scan_fwd
+from fms_bamba.model.kernels import kernels_available, mamba_step_kernels
+from fms_bamba.model.ssd import (
+    causal_conv1d_step, gated_rms_norm, split_conv1d_scan, split_conv_output, ssd_step,
+)
 
 # mamba-ssm's Triton kernels compute offsets in int32, so one call may span no more elements of
 # zxbcdt than this (bamba-9b at 4096 tokens: 31 sequences); larger batches go in slices.
@@ -38,9 +41,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         # y [b, s, d_inner] (fp32 from the scan), z [b, s, d_inner] -> z's dtype
-        gated = (y.float() * F.silu(z.float())).unflatten(-1, (self.n_groups, -1))
-        normed = F.rms_norm(gated, (gated.shape[-1],), eps=self.eps).flatten(-2)
-        return self.weight * normed.to(z.dtype)
+        return gated_rms_norm(y, z, self.weight, self.n_groups, self.eps)[0]
 
 
 class Mamba2Mixer(nn.Module):
@@ -50,7 +51,6 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.config = config
         d_inner, n_heads = config.mamba_d_inner, config.mamba_n_heads
-        self.bc_dim = config.mamba_n_groups * config.mamba_d_state
         # one projection for [z (gate), xBC (conv input), dt]
         self.in_proj = nn.Linear(config.hidden_size, d_inner + config.mamba_conv_dim + n_heads, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(config.mamba_conv_dim, config.mamba_conv_kernel))
@@ -62,44 +62,49 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(d_inner, config.hidden_size, bias=False)
         # resolved here rather than in forward, so torch.compile never traces the import machinery;
         # "kernels" without the packages fails now, naming the missing one
-        wants_kernels = config.mixer_impl == "kernels" or (config.mixer_impl == "auto" and kernels_available())
-        self.fused_scan = mamba_split_conv1d_scan() if wants_kernels else None
-        self.step_kernels = mamba_step_kernels() if wants_kernels else None
+        self.kernels = config.mixer_impl == "kernels" or (config.mixer_impl == "auto" and kernels_available())
+        self.step_kernels = mamba_step_kernels() if self.kernels else None
 
     def use_kernels(self, x: torch.Tensor) -> bool:
-        if self.fused_scan is not None and not x.is_cuda and self.config.mixer_impl == "kernels":
+        if self.kernels and not x.is_cuda and self.config.mixer_impl == "kernels":
             raise RuntimeError(f"mixer_impl='kernels' runs on CUDA tensors only, got {x.device}")
-        return self.fused_scan is not None and x.is_cuda
+        return self.kernels and x.is_cuda
 
-    @torch.compiler.disable  # a Triton autograd.Function: run as is, outside compiled graphs
-    def fused_forward(
-        self, zxbcdt: torch.Tensor, A: torch.Tensor, doc_ids: torch.Tensor | None, return_final_states: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """conv + SSD scan + gated norm + out_proj in mamba-ssm's kernels; doc_ids as seq_idx;
-        with return_final_states also the SSM state after the last position [b, h, p, n]."""
+    def scan_inputs(self) -> tuple[tuple[torch.Tensor, ...], tuple[int, int, float]]:
+        """The arguments of `split_conv1d_scan` (and of the fused op) around doc_ids: the weights,
+        then chunk size, groups and norm eps."""
+        cfg = self.config
+        weights = self.conv_weight, self.conv_bias, self.dt_bias, self.A(), self.D, self.norm.weight, self.out_proj.weight
+        return weights, (cfg.mamba_chunk_size, cfg.mamba_n_groups, cfg.norm_eps)
+
+    def fused_forward(self, zxbcdt: torch.Tensor, doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv + SSD scan + gated norm + out_proj as one custom op (mamba-ssm's kernels on CUDA),
+        doc_ids as seq_idx -> out [b, s, hidden] and the SSM state after the last position
+        [b, h, p, n] (fp32)."""
         rows = max(1, KERNEL_MAX_ELEMENTS // zxbcdt[0].numel())
         if zxbcdt.shape[0] > rows:
             parts = [
-                self.fused_forward(zxbcdt[i : i + rows], A, None if doc_ids is None else doc_ids[i : i + rows],
-                                   return_final_states)
+                self.fused_forward(zxbcdt[i : i + rows], None if doc_ids is None else doc_ids[i : i + rows])
                 for i in range(0, zxbcdt.shape[0], rows)
             ]
-            return tuple(map(torch.cat, zip(*parts))) if return_final_states else torch.cat(parts)
-        cfg = self.config
-        return self.fused_scan(
-            zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, A, self.D,
-            chunk_size=cfg.mamba_chunk_size,
-            seq_idx=None if doc_ids is None else doc_ids.to(torch.int32),
-            activation="silu", rmsnorm_weight=self.norm.weight, rmsnorm_eps=cfg.norm_eps,
-            outproj_weight=self.out_proj.weight, headdim=cfg.mamba_head_dim,
-            ngroups=cfg.mamba_n_groups, norm_before_gate=False, return_final_states=return_final_states,
-        )
+            return tuple(map(torch.cat, zip(*parts)))
+        weights, settings = self.scan_inputs()
+        seq_idx = None if doc_ids is None else doc_ids.to(torch.int32)
+        out, _, _, ssm_state = split_conv1d_scan_fwd(zxbcdt, *weights, seq_idx, *settings)
+        return out, ssm_state
+
+    def reference_forward(
+        self, zxbcdt: torch.Tensor, doc_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fused_forward` in plain PyTorch, autograd through it (the state in fp64 for fp64)."""
+        weights, settings = self.scan_inputs()
+        out, _, _, ssm_state = split_conv1d_scan(zxbcdt, *weights, doc_ids, *settings)
+        return out, ssm_state
 
     def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         zxbcdt = self.in_proj(hidden)  # [b, s, d_inner + conv_dim + n_heads]
-        if self.use_kernels(hidden):
-            return self.fused_forward(zxbcdt, self.A(), doc_ids)
-        return self.reference_forward(zxbcdt, doc_ids)
+        scan = self.fused_forward if self.use_kernels(hidden) else self.reference_forward
+        return scan(zxbcdt, doc_ids)[0]
 
     def A(self) -> torch.Tensor:
         """[n_heads] fp32, negative: how fast each head's state decays."""
@@ -113,11 +118,7 @@ class Mamba2Mixer(nn.Module):
     def split_conv_output(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """conv output [..., conv_dim] -> x [..., h, p], B and C [..., g, n]."""
         cfg = self.config
-        x, B, C = conv_out.split([cfg.mamba_d_inner, self.bc_dim, self.bc_dim], dim=-1)
-        x = x.unflatten(-1, (cfg.mamba_n_heads, cfg.mamba_head_dim))
-        B = B.unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state))
-        C = C.unflatten(-1, (cfg.mamba_n_groups, cfg.mamba_d_state))
-        return x, B, C
+        return split_conv_output(conv_out, cfg.mamba_n_heads, cfg.mamba_head_dim, cfg.mamba_n_groups)
 
     def ssm_inputs(self, conv_out: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """conv output [..., conv_dim] and raw dt [..., h] -> x [..., h, p], B and C [..., g, n],
@@ -131,19 +132,6 @@ class Mamba2Mixer(nn.Module):
     def gate_and_project(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y [..., h, p] (skip connection included), gate z [..., d_inner] -> [..., hidden]."""
         return self.out_proj(self.norm(y.flatten(-2), z))
-
-    def reference_forward(
-        self, zxbcdt: torch.Tensor, doc_ids: torch.Tensor | None, return_state: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, MambaState]:
-        z, xBC, dt = self.split_projection(zxbcdt)
-        x, B, C, dt = self.ssm_inputs(F.silu(causal_conv1d(xBC, self.conv_weight, self.conv_bias, doc_ids)), dt)
-        y, ssm_state = ssd_chunked_scan(
-            x, dt, self.A(), B, C, self.config.mamba_chunk_size, doc_ids, return_final_state=True
-        )  # y [b, s, h, p] fp32
-        out = self.output(y, x, z)
-        if not return_state:
-            return out
-        return out, MambaState(conv=self.last_conv_inputs(xBC, doc_ids), ssm=ssm_state)
 
     def last_conv_inputs(self, xBC: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
         """The conv window after the last position, [b, conv_dim, K-1]: the last K-1 inputs of
@@ -160,11 +148,10 @@ class Mamba2Mixer(nn.Module):
         """forward, also returning the state `step` continues from. max_len is the attention
         layers' cache length; the state here has a fixed size."""
         zxbcdt = self.in_proj(hidden)
-        if not self.use_kernels(hidden):
-            return self.reference_forward(zxbcdt, doc_ids, return_state=True)
-        out, ssm_state = self.fused_forward(zxbcdt, self.A(), doc_ids, return_final_states=True)
+        scan = self.fused_forward if self.use_kernels(hidden) else self.reference_forward
+        out, ssm_state = scan(zxbcdt, doc_ids)
         conv_state = self.last_conv_inputs(self.split_projection(zxbcdt)[1], doc_ids)
-        return out, MambaState(conv=conv_state, ssm=ssm_state.float())
+        return out, MambaState(conv=conv_state, ssm=ssm_state)
 
     def step(self, hidden: torch.Tensor, state: MambaState, position: torch.Tensor) -> torch.Tensor:
         """One token per row: hidden [b, 1, D] -> [b, 1, D], updating state in place (the

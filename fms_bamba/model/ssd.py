@@ -1,8 +1,10 @@
-"""Pure-PyTorch Mamba-2 pieces: the depthwise causal conv and the chunked SSD scan.
+"""Pure-PyTorch Mamba-2 pieces: the depthwise causal conv, the chunked SSD scan, the gated norm,
+and the mixer after in_proj built from them (the reference path, and the fused op's CPU kernel).
 
-Both optionally restart at packed-document boundaries: given doc_ids [B, S], a token only sees
-tokens of its own document. Documents are contiguous, so "t and u are in one document" is just
-doc_ids[t] == doc_ids[u], and the scan applies that as a 0/1 factor on every decay term.
+The conv and the scan optionally restart at packed-document boundaries: given doc_ids [B, S], a
+token only sees tokens of its own document. Documents are contiguous, so "t and u are in one
+document" is just doc_ids[t] == doc_ids[u], and the scan applies that as a 0/1 factor on every
+decay term.
 """
 
 from __future__ import annotations
@@ -109,6 +111,57 @@ def ssd_chunked_scan(
 
     y = y.reshape(batch, n_chunks * chunk_size, n_heads, head_dim)[:, :seq_len]
     return (y, state) if return_final_state else y
+
+
+def split_conv_output(conv_out: torch.Tensor, n_heads: int, head_dim: int, n_groups: int) -> tuple[torch.Tensor, ...]:
+    """conv output [..., h*p + 2*g*n] -> x [..., h, p], B and C [..., g, n]."""
+    d_inner = n_heads * head_dim
+    bc_dim = (conv_out.shape[-1] - d_inner) // 2
+    x, B, C = conv_out.split([d_inner, bc_dim, bc_dim], dim=-1)
+    return x.unflatten(-1, (n_heads, head_dim)), B.unflatten(-1, (n_groups, -1)), C.unflatten(-1, (n_groups, -1))
+
+
+def gated_rms_norm(
+    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, n_groups: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight * RMSNorm(y * silu(z)) over each of n_groups groups of channels (the gate goes before
+    the norm). y [..., d] (fp32 from the scan), z [..., d] -> out [..., d] in z's dtype, and rstd
+    [..., g], the fp32 1/rms of each group."""
+    gated = (y.float() * F.silu(z.float())).unflatten(-1, (n_groups, -1))  # [..., g, d/g]
+    rstd = torch.rsqrt(gated.square().mean(-1) + eps)
+    return weight * (gated * rstd.unsqueeze(-1)).flatten(-2).to(z.dtype), rstd
+
+
+def split_conv1d_scan(
+    zxbcdt: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    norm_weight: torch.Tensor,
+    out_proj_weight: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    chunk_size: int,
+    n_groups: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Mamba-2 mixer after in_proj, as mamba-ssm's `mamba_split_conv1d_scan_combined` fuses it:
+    causal conv + SiLU, SSD scan, y += D x, gated RMSNorm, out_proj.
+
+    zxbcdt [b, s, d_inner + conv_dim + h] split as [z, xBC, dt]; A [h] (negative), D [h] ->
+    out [b, s, hidden]; also y [b, s, h, p] (the scan with D x, fp32), the norm's rstd [b, s, g]
+    and the SSM state after the last position [b, h, p, n].
+    """
+    n_heads, d_inner = A.shape[0], norm_weight.shape[0]
+    z, xBC, dt = zxbcdt.split([d_inner, conv_weight.shape[0], n_heads], dim=-1)
+    conv_out = F.silu(causal_conv1d(xBC, conv_weight, conv_bias, doc_ids))
+    x, B, C = split_conv_output(conv_out, n_heads, d_inner // n_heads, n_groups)
+    dt = F.softplus(dt.float() + dt_bias.float())  # [b, s, h], positive
+    y, state = ssd_chunked_scan(x, dt, A, B, C, chunk_size, doc_ids, return_final_state=True)
+    y = y + x * D[:, None]
+    normed, rstd = gated_rms_norm(y.flatten(-2), z, norm_weight, n_groups, eps)
+    return F.linear(normed, out_proj_weight), y, rstd, state
 
 
 def causal_conv1d_step(
