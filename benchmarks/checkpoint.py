@@ -47,7 +47,9 @@ class RandomTokens:
 
 
 def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-checkpoint-bench",
-         repeats: int = 2, **overrides) -> None:
+         repeats: int = 2, modes: str = "sync,async", discard: bool = False, **overrides) -> None:
+    """modes: sync and/or async saves to time; discard: delete each checkpoint once timed (a disk
+    with room for one only, e.g. Bamba-9B's 117 GB)."""
     cfg = load_job_config(config, overrides)
     info = dist_info_from_env()
     model_cfg, device = build_model_config(cfg), pick_device(cfg, info)
@@ -98,27 +100,38 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
         train_step()
     step_time = min(train_step() for _ in range(3))
 
-    sync = manager("disabled", out_dir / "sync")
-    sync_times = []
-    for _ in range(repeats):
-        sync_times.append(timed(lambda: sync.save(state.step)))
-        train_step()
-    ckpt_dir = latest_complete_checkpoint(out_dir / "sync")
-    size_gb = sum(read_meta(ckpt_dir)["files"].values()) / 1e9
-
-    async_ckpt = manager("async", out_dir / "async")
-    blocked, total, overlapped_steps = [], [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        blocked.append(timed(lambda: async_ckpt.save(state.step)))
-        step_times = []
-        while any_rank(async_ckpt.writing):  # train while the write runs, the same steps on all ranks
-            step_times.append(train_step())
-        async_ckpt.close()
+    def discard_checkpoints(folder: Path) -> float:
+        """Size in GB of the newest checkpoint under folder; with `discard`, delete them all."""
+        size_gb = sum(read_meta(latest_complete_checkpoint(folder))["files"].values()) / 1e9
         dist.barrier()
-        total.append(time.perf_counter() - start)
-        overlapped_steps.append(step_times)
-        train_step()
+        if discard and rank0:
+            shutil.rmtree(folder)
+        dist.barrier()
+        return size_gb
+
+    sync_times, size_gb = [], 0.0
+    if "sync" in modes.split(","):
+        sync = manager("disabled", out_dir / "sync")
+        for _ in range(repeats):
+            sync_times.append(timed(lambda: sync.save(state.step)))
+            size_gb = discard_checkpoints(out_dir / "sync")
+            train_step()
+
+    blocked, total, overlapped_steps = [], [], []
+    if "async" in modes.split(","):
+        async_ckpt = manager("async", out_dir / "async")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            blocked.append(timed(lambda: async_ckpt.save(state.step)))
+            step_times = []
+            while any_rank(async_ckpt.writing):  # train while the write runs, the same steps on all ranks
+                step_times.append(train_step())
+            async_ckpt.close()
+            dist.barrier()
+            total.append(time.perf_counter() - start)
+            overlapped_steps.append(step_times)
+            size_gb = discard_checkpoints(out_dir / "async")
+            train_step()
 
     steps_during = [t for times in overlapped_steps for t in times]
     result = {
@@ -126,7 +139,7 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
         "parameters": sum(p.numel() for p in model.parameters()), "checkpoint_gb": round(size_gb, 3),
         "step_s": round(step_time, 4),
         "sync_save_s": [round(t, 3) for t in sync_times],
-        "sync_gb_per_s": round(size_gb / min(sync_times), 3),
+        "sync_gb_per_s": round(size_gb / min(sync_times), 3) if sync_times else None,
         "async_blocked_s": [round(t, 3) for t in blocked],
         "async_write_s": [round(t, 3) for t in total],
         "steps_during_async_write": [len(times) for times in overlapped_steps],

@@ -7,7 +7,9 @@
 # 9-10: summary in OUT_DIR/9b-profile-rank0.txt), bamba-9b-fsdp-options (reshard_after_forward
 # and reduce_dtype, micro-batch 2, compile), bamba-9b-best (the fastest configuration, profiled on
 # steps 13-14), loss-match-1b (50 steps of bamba-1b on a learnable corpus: every throughput option
-# vs the reference mixer, eager, fp32 reduce). Default: the first five.
+# vs the reference mixer, eager, fp32 reduce), fused-op (the mixer's custom op vs mamba-ssm's
+# direct call), bamba-9b-final (the kept configuration), checkpoint-9b (one async save of
+# Bamba-9B's 117 GB while training). Default: the first five.
 # Each benchmark's whole output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
 out=${1:?usage: h200_suite.sh OUT_DIR [GROUP ...]}
@@ -64,6 +66,15 @@ for group in $groups; do
         --set parallelism.reshard_after_forward=never parallelism.reduce_dtype=bfloat16
       bench 1b-loss-reference 200 $torchrun2 benchmarks/train.py $lm --run-name reference --set model.mixer_impl=reference
       python benchmarks/compare_losses.py /tmp/lm/fast /tmp/lm/reference | tee "$out/loss-match-1b.txt" ;;
+    fused-op)
+      bench fused-op-check 180 python benchmarks/fused_op_check.py ;;
+    bamba-9b-final)
+      bench 9b-final 240 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 12 --log-interval 4 \
+        --compile --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16 ;;
+    checkpoint-9b)
+      bench 9b-checkpoint 420 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml --out=/tmp/ckpt-bench-9b \
+        --modes=async --repeats=1 --discard=True --training.micro_batch_size=2 --parallelism.activation_checkpoint=none \
+        --parallelism.reduce_dtype=bfloat16 ;;
     *) echo "unknown group $group"; exit 2 ;;
   esac
 done
