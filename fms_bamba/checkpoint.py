@@ -460,6 +460,10 @@ class CheckpointManager:
         self.cpu_group = dist.new_group(backend="gloo") if self.distributed else None
         self.pending: tuple[Future, Path, Path, dict] | None = None  # (write, tmp dir, final dir, meta)
         self.stager: DefaultStager | None = None  # async mode's CPU copy, kept between saves
+        self.staging: Future | None = None  # the copy of an async save into host memory, while it runs
+        if cfg.enable and cfg.async_mode == "async":
+            # The copy runs beside the next forward and backward; only an update must wait for it.
+            optimizer.register_step_pre_hook(lambda *_: self.wait_for_staging())
         self.last_saved_step = -1
 
     # ---- save -------------------------------------------------------------------------------
@@ -483,15 +487,18 @@ class CheckpointManager:
         self._barrier()
         start = time.perf_counter()
         if self.cfg.async_mode == "async":
+            cuda = torch.cuda.is_available()
             if self.stager is None:
-                # Pinned host buffers, allocated at the first save and reused (as torchtitan's
-                # "async_with_pinned_mem"): the copy off the GPU is what blocks training.
-                cuda = torch.cuda.is_available()
+                # Pinned host buffers, allocated at the first save and reused, filled by a thread of
+                # the stager's on a stream of its own while training goes on.
                 self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                           use_async_staging=False, use_non_blocking_copy=cuda))
-            future = dcp.async_save(state, checkpoint_id=tmp_dir, process_group=self.cpu_group,
-                                    async_stager=self.stager, no_dist=not self.distributed)
-            self.pending = (future, tmp_dir, final_dir, meta)
+                                                           use_async_staging=True, use_non_blocking_copy=cuda))
+            if cuda:  # the staging stream must copy this step's update, not race it
+                torch.cuda.current_stream().synchronize()
+            response = dcp.async_save(state, checkpoint_id=tmp_dir, process_group=self.cpu_group,
+                                      async_stager=self.stager, no_dist=not self.distributed)
+            self.staging = response.staging_completion
+            self.pending = (response.upload_completion, tmp_dir, final_dir, meta)
             if self.rank == 0:
                 logger.info("checkpoint step %d: training blocked %.2fs by the async save",
                             step, time.perf_counter() - start)
@@ -504,6 +511,12 @@ class CheckpointManager:
                 self._prune()
                 logger.info("checkpoint step %d: saved in %.2fs", step, time.perf_counter() - start)
         self.last_saved_step = step
+
+    def wait_for_staging(self) -> None:
+        """Block until an async save's copy into host memory is done (before weights change)."""
+        if self.staging is not None:
+            self.staging.result()
+            self.staging = None
 
     @property
     def writing(self) -> bool:

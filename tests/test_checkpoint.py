@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,10 +169,7 @@ def worker(run_dir: Path) -> None:
     train_step(*async_parts, rank=rank)
     before = full_state(*async_parts[:2])
     async_ckpt.save(1)
-    with torch.no_grad():  # at once, before the background write can have read the weights
-        for param in async_parts[0].parameters():
-            param.add_(1.0)
-    train_step(*async_parts, rank=rank)
+    train_step(*async_parts, rank=rank)  # its update waits for the copy into host memory
     async_ckpt.save(2)  # waits for the first write, commits it, starts the second
     async_ckpt.close()
     if rank == 0:
@@ -282,6 +280,26 @@ def test_init_load_asking_for_missing_part_fails_clearly(tmp_path):
     ckpt = manager(tmp_path / "run", build(), init_from=str(tmp_path / "src"), init_load="model+optimizer")
     with pytest.raises(ValueError, match="init_load needs optimizer state"):
         ckpt.load()
+
+
+def test_an_update_waits_for_the_async_copy(tmp_path, monkeypatch):
+    """The copy of an async save into host memory runs while training goes on; the optimizer's
+    next update must wait for it, or the checkpoint would hold half-updated weights. A slowed
+    copy makes the race certain."""
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    copy = DefaultStager._stage
+    monkeypatch.setattr(DefaultStager, "_stage", lambda self, *a, **k: (time.sleep(0.5), copy(self, *a, **k))[1])
+    parts = build(seed=13)
+    ckpt = manager(tmp_path, parts, interval=1, async_mode="async")
+    train_step(*parts)
+    before = full_state(*parts[:2])
+    ckpt.save(1)
+    assert ckpt.staging is not None and not ckpt.staging.done()  # the save returned before the copy
+    train_step(*parts)
+    ckpt.close()
+    saved = load_tensors(tmp_path / "checkpoints" / "step-00000001", prefix="")
+    assert_same({k: saved[k] for k in before}, before)
 
 
 def test_single_process_save_resume_and_tmp_cleanup(tmp_path):
