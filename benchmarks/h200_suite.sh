@@ -36,7 +36,7 @@ for group in $groups; do
       bench 1b-fsdp2 150 $torchrun2 benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 20 --workdir /tmp/b2
       bench 1b-hsdp2x1 150 $torchrun2 benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 20 --workdir /tmp/b3 --set parallelism.dp_replicate=2 ;;
     checkpoint-1b)
-      bench 1b-checkpoint 200 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench ;;
+      bench 1b-checkpoint 300 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench ;;
     bamba-9b)
       bench 9b-fsdp2-mb1 240 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 1 --steps 15 --workdir /tmp/b9 ;;
     bamba-9b-compile)

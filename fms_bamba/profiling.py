@@ -19,12 +19,14 @@ from torch.profiler import ProfilerActivity, profile
 # First match wins; kernel names as CUDA, cuBLAS, NCCL, Triton and Inductor print them.
 KERNEL_KINDS = (
     ("communication", r"nccl"),
-    ("optimizer", r"adam|multi_tensor"),
+    ("optimizer", r"adam"),
+    ("attention", r"flash|fmha|attention|sdpa"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|sm90_|wgmma|cublas"),
-    ("attention", r"flash|fmha|attention|cudnn"),
     ("mamba kernels", r"^_(chunk|state_passing|bmm_chunk|layer_norm|causal_conv)|causal_conv1d|selective"),
     ("compiled (inductor)", r"^triton_"),
-    ("copies and casts", r"copy|cast|cat_|split|memcpy|memset|fill"),
+    # FSDP2's all-gather copy-in (a cast to bf16) and copy-out, its reduce-scatter's chunk_cat
+    ("copies and casts", r"copy|cast|chunk_cat|split|memcpy|memset|fill"),
+    ("other multi-tensor (foreach)", r"multi_tensor"),
 )
 
 

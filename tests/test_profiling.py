@@ -24,6 +24,10 @@ def test_union_length_merges_overlaps():
     ("_chunk_scan_fwd_kernel", "mamba kernels"),
     ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "compiled (inductor)"),
     ("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>", "copies and casts"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<2>, "
+     "UnaryOpFunctor<float, 2, 1, 1>, Copy<float, float>>", "copies and casts"),
+    ("void at::native::detail::chunk_cat_cuda_kernel<float, float>", "copies and casts"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
 ])
 def test_kernel_kinds(name, kind):
     assert kernel_kind(name) == kind
