@@ -126,12 +126,13 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
             step_times = []
             while any_rank(async_ckpt.writing):  # train while the write runs, the same steps on all ranks
                 step_times.append(train_step())
-            async_ckpt.close()
+            async_ckpt.wait_for_write()
             dist.barrier()
             total.append(time.perf_counter() - start)
             overlapped_steps.append(step_times)
             size_gb = discard_checkpoints(out_dir / "async")
             train_step()
+        async_ckpt.close()  # the pinned buffers served every repeat, as they serve a run's saves
 
     steps_during = [t for times in overlapped_steps for t in times]
     result = {

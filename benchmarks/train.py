@@ -25,6 +25,7 @@ import torch
 
 from fms_bamba.config import load_job_config
 from fms_bamba.model import BambaConfig
+from fms_bamba.profiling import profiled_steps
 from fms_bamba.train import train
 
 SHARD_NAME = "shard-0000.parquet"
@@ -58,13 +59,6 @@ def write_synthetic_dataset(directory: Path, vocab_size: int, learnable: bool = 
     pq.write_table(pa.table({"tokens": pa.array(tokens, type=pa.list_(pa.uint32()))}), tmp)
     tmp.rename(shard)
     return shard.parent
-
-
-def profiled(record_steps: tuple[int, int], cfg) -> bool:
-    """Does the logged interval (first, last step) include a step recorded by the profiler?"""
-    first, last = record_steps
-    start, end = cfg.profiling.start_step, cfg.profiling.start_step + cfg.profiling.steps - 1
-    return cfg.profiling.enable and first <= end and start <= last
 
 
 def main() -> None:
@@ -113,7 +107,9 @@ def main() -> None:
     logged = [json.loads(line) for line in metrics.read_text().splitlines()]
     intervals = zip([0] + [r["step"] for r in logged], [r["step"] for r in logged])
     # The first interval holds start-up and compilation; profiled ones run slower.
-    records = [r for r, (previous, step) in list(zip(logged, intervals))[1:] if not profiled((previous + 1, step), cfg)]
+    profiled = profiled_steps(cfg.profiling)
+    records = [r for r, (previous, step) in list(zip(logged, intervals))[1:]
+               if not any(previous < s <= step for s in profiled)]
     if not records:
         raise SystemExit(f"no steady-state records: raise --steps above {args.log_interval}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))

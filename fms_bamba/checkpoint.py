@@ -461,9 +461,10 @@ class CheckpointManager:
         self.pending: tuple[Future, Path, Path, dict] | None = None  # (write, tmp dir, final dir, meta)
         self.stager: DefaultStager | None = None  # async mode's CPU copy, kept between saves
         self.staging: Future | None = None  # the copy of an async save into host memory, while it runs
+        self.staging_hook = None
         if cfg.enable and cfg.async_mode == "async":
             # The copy runs beside the next forward and backward; only an update must wait for it.
-            optimizer.register_step_pre_hook(lambda *_: self.wait_for_staging())
+            self.staging_hook = optimizer.register_step_pre_hook(lambda *_: self.wait_for_staging())
         self.last_saved_step = -1
 
     # ---- save -------------------------------------------------------------------------------
@@ -500,7 +501,7 @@ class CheckpointManager:
             self.staging = response.staging_completion
             self.pending = (response.upload_completion, tmp_dir, final_dir, meta)
             if self.rank == 0:
-                logger.info("checkpoint step %d: training blocked %.2fs by the async save",
+                logger.info("checkpoint step %d: training blocked %.2fs starting the async save",
                             step, time.perf_counter() - start)
         else:
             _dcp_save(state, tmp_dir, distributed=self.distributed)
@@ -514,21 +515,36 @@ class CheckpointManager:
 
     def wait_for_staging(self) -> None:
         """Block until an async save's copy into host memory is done (before weights change)."""
-        if self.staging is not None:
+        if self.staging is None:
+            return
+        if not self.staging.done():
+            start = time.perf_counter()
             self.staging.result()
-            self.staging = None
+            if self.rank == 0:
+                logger.info("checkpoint: the update waited %.2fs for the async save's copy into host memory",
+                            time.perf_counter() - start)
+        self.staging.result()  # raises the copy's error, if any
+        self.staging = None
 
     @property
     def writing(self) -> bool:
         """An async save of this rank is still being written."""
         return self.pending is not None and not self.pending[0].done()
 
+    def wait_for_write(self) -> None:
+        """Wait for an async save in flight and commit it, keeping the host buffers; collective."""
+        self._commit_pending(wait=True)
+
     def close(self) -> None:
-        """Wait for an async save in flight, commit it and free the host buffers; collective."""
+        """Wait for an async save in flight, commit it, free the host buffers and detach from the
+        optimizer; collective."""
         self._commit_pending(wait=True)
         if self.stager is not None:
             self.stager.close()
             self.stager = None
+        if self.staging_hook is not None:
+            self.staging_hook.remove()
+            self.staging_hook = None
 
     def _commit_pending(self, *, wait: bool) -> None:
         """Commit the async save once its write is done; with `wait`, block until it is."""

@@ -123,7 +123,8 @@ class ParallelismSection:
     """torch.compile each decoder block."""
     reshard_after_forward: str = "default"
     """default (every block but the last) | always | never (keep each block's gathered params
-    from forward to backward: one all-gather per step instead of two, one block's params more memory each)."""
+    from forward to backward: one all-gather per micro-batch instead of two, for the whole model's
+    gathered params in memory)."""
     reduce_dtype: str = "float32"
     """Gradient reduce-scatter dtype: float32 | bfloat16 (half the bytes; sums over many ranks lose bits)."""
 

@@ -56,7 +56,8 @@ def parse_activation_checkpoint(mode: str) -> int:
 
 
 RESHARD_POLICIES = ("default", "always", "never")
-REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+"""The names `training.dtype` and `parallelism.reduce_dtype` take."""
 
 
 def check_fsdp_options(cfg: ParallelismSection) -> None:
@@ -64,8 +65,8 @@ def check_fsdp_options(cfg: ParallelismSection) -> None:
     if cfg.reshard_after_forward not in RESHARD_POLICIES:
         raise ValueError(f"parallelism.reshard_after_forward must be one of {RESHARD_POLICIES}, "
                          f"got {cfg.reshard_after_forward!r}")
-    if cfg.reduce_dtype not in REDUCE_DTYPES:
-        raise ValueError(f"parallelism.reduce_dtype must be one of {tuple(REDUCE_DTYPES)}, got {cfg.reduce_dtype!r}")
+    if cfg.reduce_dtype not in DTYPES:
+        raise ValueError(f"parallelism.reduce_dtype must be one of {tuple(DTYPES)}, got {cfg.reduce_dtype!r}")
 
 
 def reshard_block_after_forward(policy: str, index: int, n_blocks: int) -> bool:
@@ -101,7 +102,7 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
     Call on a model built under torch.device("meta"); afterwards `to_empty` + `init_weights`."""
     every = parse_activation_checkpoint(cfg.activation_checkpoint)
     check_fsdp_options(cfg)
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=REDUCE_DTYPES[cfg.reduce_dtype])
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=DTYPES[cfg.reduce_dtype])
     for index, block in enumerate(list(model.layers)):
         if every and index % every == 0:
             # checkpoint_wrapper's prefix is stripped from state_dict and DCP keys alike.

@@ -10,6 +10,7 @@ import gzip
 import json
 import re
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,29 +26,40 @@ KERNEL_KINDS = (
     ("mamba kernels", r"^_(chunk|state_passing|bmm_chunk|layer_norm|causal_conv)|causal_conv1d|selective"),
     ("compiled (inductor)", r"^triton_"),
     # FSDP2's all-gather copy-in (a cast to bf16) and copy-out, its reduce-scatter's chunk_cat
-    ("copies and casts", r"copy|cast|chunk_cat|split|memcpy|memset|fill"),
+    ("copies and casts", r"copy|cast|chunk_cat|split_with_sizes|memcpy|memset|fill"),
     ("other multi-tensor (foreach)", r"multi_tensor"),
 )
 
 
-class StepProfiler:
-    """Records steps [start_step, start_step + steps) when enabled; every rank writes its own files."""
+def profiled_steps(cfg) -> range:
+    """The steps a `profiling` section records (empty when it is off)."""
+    return range(cfg.start_step, cfg.start_step + cfg.steps) if cfg.enable else range(0)
 
-    def __init__(self, cfg, run_dir: Path, rank: int):
+
+class StepProfiler:
+    """Records `profiled_steps(cfg)`; every rank writes its own files."""
+
+    def __init__(self, cfg, run_dir: Path, rank: int, first_step: int):
         self.cfg, self.rank = cfg, rank
         self.folder = Path(run_dir) / "profile"
-        self.last_step = cfg.start_step + cfg.steps - 1
+        self.steps = profiled_steps(cfg)
         self.profiler: profile | None = None
+        if self.steps and first_step > self.steps.start and rank == 0:
+            print(f"profiling: this run resumes at step {first_step}, after profiling.start_step "
+                  f"{cfg.start_step}: nothing is recorded", flush=True)
 
     def before_step(self, step: int) -> None:
-        if self.cfg.enable and step == self.cfg.start_step:
+        if self.steps and step == self.steps.start:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self.profiler = profile(activities=activities)
             self.profiler.start()
 
-    def after_step(self, step: int) -> None:
-        if self.profiler is None or step != self.last_step:
-            return
+    def after_step(self, step: int) -> float:
+        """Write the trace and summary after the last recorded step; returns the seconds that took
+        (0 otherwise), for the caller to leave out of its timings."""
+        if self.profiler is None or step != self.steps[-1]:
+            return 0.0
+        start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.profiler.stop()
@@ -55,12 +67,19 @@ class StepProfiler:
         trace = self.folder / f"rank{self.rank}.json.gz"
         self.profiler.export_chrome_trace(str(trace))
         table = self.profiler.key_averages().table(
-            sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=40)
-        summary = summarize_trace(trace, self.cfg.steps)
+            sort_by="self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=40)
+        summary = summarize_trace(trace, len(self.steps))
         (self.folder / f"rank{self.rank}.txt").write_text(f"{summary}\n\n{table}\n")
         if self.rank == 0:
-            print(f"profile of steps {self.cfg.start_step}..{self.last_step} in {self.folder}\n{summary}", flush=True)
+            print(f"profile of steps {self.steps.start}..{step} in {self.folder}\n{summary}", flush=True)
         self.profiler = None
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Stop a recording the run ended in the middle of (nothing is written)."""
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

@@ -29,6 +29,7 @@ from fms_bamba.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
 from fms_bamba.optim import build_lr_scheduler, build_optimizer, validate_lr_scheduler
 from fms_bamba.parallel import (
+    DTYPES,
     DistInfo,
     apply_parallelism,
     build_mesh,
@@ -39,10 +40,7 @@ from fms_bamba.parallel import (
     resolve_mesh_shape,
 )
 from fms_bamba.preemption import EXIT_PREEMPTED, PreemptionHandler
-from fms_bamba.profiling import StepProfiler
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
+from fms_bamba.profiling import StepProfiler, profiled_steps
 
 class TrainingDiverged(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
@@ -195,6 +193,10 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
     if cfg.profiling.start_step < 1 or cfg.profiling.steps < 1:
         raise ConfigError(f"profiling.start_step and profiling.steps must be >= 1, got "
                           f"{cfg.profiling.start_step} and {cfg.profiling.steps}")
+    window = profiled_steps(cfg.profiling)
+    if window and window[-1] > cfg.training.steps:
+        raise ConfigError(f"profiling: steps {window.start}..{window[-1]} run past training.steps "
+                          f"({cfg.training.steps})")
     if cfg.metrics.wandb_mode not in ("online", "offline"):
         raise ConfigError(f"metrics.wandb_mode must be online | offline, got {cfg.metrics.wandb_mode!r}")
     resolve_data(cfg)
@@ -336,7 +338,8 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
         peak_flops = device_peak_flops(device, cfg.metrics.peak_tflops)
         nan_steps = set(cfg.training.debug_nan_at_steps)
         batches = iter(data_loader)
-        profiler = StepProfiler(cfg.profiling, run_dir, info.rank)
+        profiler = StepProfiler(cfg.profiling, run_dir, info.rank, first_step=state.step + 1)
+        cleanup.callback(profiler.close)
         interval_start, interval_steps = time.perf_counter(), 0
         # Sum and count of the finite step losses since the last record, kept on the device.
         interval_loss, interval_finite = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -354,7 +357,7 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
             interval_finite += (~skipped).float()
             logger.advance()
             interval_steps += 1
-            profiler.after_step(step)
+            interval_start += profiler.after_step(step)  # the trace's export is not training time
 
             last = step == cfg.training.steps
             if step % cfg.metrics.log_interval == 0 or last:

@@ -298,6 +298,7 @@ def test_an_update_waits_for_the_async_copy(tmp_path, monkeypatch):
     assert ckpt.staging is not None and not ckpt.staging.done()  # the save returned before the copy
     train_step(*parts)
     ckpt.close()
+    assert not parts[1]._optimizer_step_pre_hooks  # closed: detached from the optimizer
     saved = load_tensors(tmp_path / "checkpoints" / "step-00000001", prefix="")
     assert_same({k: saved[k] for k in before}, before)
 

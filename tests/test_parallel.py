@@ -38,3 +38,14 @@ def test_reshard_after_forward_policy(process_group, policy, gathered_after_forw
     assert [not isinstance(block.mlp.gate_proj.weight, DTensor) for block in model.layers] == gathered_after_forward
     loss.backward()
     assert all(isinstance(p, DTensor) and p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("reduce_dtype, expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_reduce_dtype_reaches_every_fsdp_unit(process_group, reduce_dtype, expected):
+    with torch.device("meta"):
+        model = Bamba(BambaConfig.from_preset("tiny", n_layers=2, attn_layer_indices=(1,)))
+    cfg = ParallelismSection(reduce_dtype=reduce_dtype)
+    apply_parallelism(model, build_mesh(cfg, torch.device("cpu")), cfg, param_dtype=torch.bfloat16)
+    for unit in [*model.layers, model]:
+        policy = unit._get_fsdp_state()._mp_policy
+        assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, expected)

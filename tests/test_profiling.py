@@ -4,8 +4,10 @@ import gzip
 import json
 
 import pytest
+import torch
 
-from fms_bamba.profiling import kernel_kind, summarize_trace, union_length
+from fms_bamba.config import ProfilingSection
+from fms_bamba.profiling import StepProfiler, kernel_kind, summarize_trace, union_length
 
 
 def kernel(name, start, duration, stream):
@@ -50,3 +52,27 @@ def test_summary_of_two_steps(tmp_path):
         "communication, overlapped": 100.0, "communication, exposed": 100.5,
         "communication": 200.5, "compiled (inductor)": 200.0, "matmul": 150.0,
     }
+
+
+def test_step_profiler_records_its_window_only(tmp_path, capsys):
+    cfg = ProfilingSection(enable=True, start_step=2, steps=2)
+    profiler = StepProfiler(cfg, tmp_path / "run", rank=0, first_step=1)
+    for step in range(1, 6):
+        profiler.before_step(step)
+        torch.mm(torch.ones(8, 8), torch.ones(8, 8))
+        assert (profiler.after_step(step) > 0) == (step == 3)  # written after the window's last step
+    trace = json.loads(gzip.decompress((tmp_path / "run" / "profile" / "rank0.json.gz").read_bytes()))
+    assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
+    assert "profile of steps 2..3" in capsys.readouterr().out
+
+    resumed = StepProfiler(cfg, tmp_path / "resumed", rank=0, first_step=3)  # began after start_step
+    assert "nothing is recorded" in capsys.readouterr().out
+    resumed.before_step(3)
+    assert resumed.after_step(3) == 0 and not (tmp_path / "resumed").exists()
+
+    cut = StepProfiler(cfg, tmp_path / "cut", rank=0, first_step=1)
+    cut.before_step(2)  # the run ends inside the window: close stops the recording, writes nothing
+    cut.close()
+    assert cut.profiler is None and not (tmp_path / "cut").exists()
+    profiler.before_step(2)  # a profiler can start again: none was left running
+    profiler.close()

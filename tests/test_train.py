@@ -207,6 +207,8 @@ def test_a_signal_in_the_last_step_ends_the_run_complete(corpus, tmp_path, monke
      r"parallelism\.reshard_after_forward must be one of \('default', 'always', 'never'\), got 'sometimes'"),
     (lambda tmp, corpus: ["--parallelism.reduce_dtype=float8"], r"parallelism\.reduce_dtype must be one of"),
     (lambda tmp, corpus: ["--profiling.steps=0"], r"profiling\.start_step and profiling\.steps must be >= 1"),
+    (lambda tmp, corpus: ["--profiling.enable=true", "--profiling.start_step=299", "--profiling.steps=3"],
+     r"profiling: steps 299\.\.301 run past training\.steps \(300\)"),
 ])
 def test_bad_input_fails_before_the_process_group(corpus, tmp_path, monkeypatch, capsys, make_args, message):
     (tmp_path / "empty").mkdir()

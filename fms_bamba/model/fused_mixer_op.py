@@ -118,6 +118,12 @@ def _(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weigh
         **kernel_settings(chunk_size, norm_weight.shape[0] // A.shape[0], n_groups, eps),
     )
     y, rstd = ctx.saved_tensors[3], ctx.saved_tensors[10]  # saved as out_x and rstd
+    batch, seq_len, _ = zxbcdt.shape
+    if y.shape != (batch, seq_len, A.shape[0], norm_weight.shape[0] // A.shape[0]) or rstd.shape != (
+        n_groups * batch * seq_len,
+    ):  # the positions above are mamba-ssm 2.3's; a release that moved them must not pass silently
+        raise RuntimeError(f"mamba-ssm's MambaSplitConv1dScanCombinedFn saved its tensors in another order than "
+                           f"2.3's (out_x {tuple(y.shape)}, rstd {tuple(rstd.shape)}); install mamba-ssm 2.3")
     return out, y, rstd, state
 
 
