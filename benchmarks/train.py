@@ -105,11 +105,10 @@ def main() -> None:
         return
 
     logged = [json.loads(line) for line in metrics.read_text().splitlines()]
-    intervals = zip([0] + [r["step"] for r in logged], [r["step"] for r in logged])
     # The first interval holds start-up and compilation; profiled ones run slower.
+    starts = [0] + [r["step"] for r in logged]  # each record covers steps starts[i] + 1 .. its step
     profiled = profiled_steps(cfg.profiling)
-    records = [r for r, (previous, step) in list(zip(logged, intervals))[1:]
-               if not any(previous < s <= step for s in profiled)]
+    records = [r for i, r in enumerate(logged) if i > 0 and not any(starts[i] < s <= r["step"] for s in profiled)]
     if not records:
         raise SystemExit(f"no steady-state records: raise --steps above {args.log_interval}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))

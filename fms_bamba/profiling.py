@@ -119,7 +119,11 @@ def summarize_trace(path: str | Path, steps: int) -> str:
     compute = union_length(spans["compute"])
     comm = union_length(spans["communication"])
     busy = union_length(spans["compute"] + spans["communication"])
-    per_step = lambda us: us / steps / 1e3  # noqa: E731 - microseconds in the window -> ms per step
+
+    def per_step(us: float) -> float:
+        """Microseconds in the recorded window -> milliseconds per step."""
+        return us / steps / 1e3
+
     lines = [
         f"per step (ms), {steps} step(s) recorded:",
         f"  GPU time span                {per_step(end - start):9.1f}",

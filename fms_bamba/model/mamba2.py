@@ -12,7 +12,7 @@ from fms_bamba.model.config import BambaConfig
 from fms_bamba.model.fused_mixer_op import split_conv1d_scan_fwd
 from fms_bamba.model.kernels import kernels_available, mamba_step_kernels
 from fms_bamba.model.ssd import (
-    causal_conv1d_step, gated_rms_norm, split_conv1d_scan, split_conv_output, ssd_step,
+    causal_conv1d_step, gated_rms_norm, split_conv1d_scan, split_conv_output, ssd_step, ssm_inputs,
 )
 
 # mamba-ssm's Triton kernels compute offsets in int32, so one call may span no more elements of
@@ -123,7 +123,8 @@ class Mamba2Mixer(nn.Module):
     def ssm_inputs(self, conv_out: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """conv output [..., conv_dim] and raw dt [..., h] -> x [..., h, p], B and C [..., g, n],
         dt [..., h] (positive, fp32)."""
-        return *self.split_conv_output(conv_out), F.softplus(dt.float() + self.dt_bias.float())
+        cfg = self.config
+        return ssm_inputs(conv_out, dt, self.dt_bias, cfg.mamba_n_heads, cfg.mamba_head_dim, cfg.mamba_n_groups)
 
     def output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Scan output y and input x [..., h, p] (skip connection D), gate z -> [..., hidden]."""

@@ -121,6 +121,14 @@ def split_conv_output(conv_out: torch.Tensor, n_heads: int, head_dim: int, n_gro
     return x.unflatten(-1, (n_heads, head_dim)), B.unflatten(-1, (n_groups, -1)), C.unflatten(-1, (n_groups, -1))
 
 
+def ssm_inputs(
+    conv_out: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor, n_heads: int, head_dim: int, n_groups: int
+) -> tuple[torch.Tensor, ...]:
+    """conv output [..., conv_dim] (after SiLU) and raw dt [..., h] -> x [..., h, p], B and C
+    [..., g, n], dt [..., h] (positive, fp32)."""
+    return *split_conv_output(conv_out, n_heads, head_dim, n_groups), F.softplus(dt.float() + dt_bias.float())
+
+
 def gated_rms_norm(
     y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, n_groups: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +164,7 @@ def split_conv1d_scan(
     n_heads, d_inner = A.shape[0], norm_weight.shape[0]
     z, xBC, dt = zxbcdt.split([d_inner, conv_weight.shape[0], n_heads], dim=-1)
     conv_out = F.silu(causal_conv1d(xBC, conv_weight, conv_bias, doc_ids))
-    x, B, C = split_conv_output(conv_out, n_heads, d_inner // n_heads, n_groups)
-    dt = F.softplus(dt.float() + dt_bias.float())  # [b, s, h], positive
+    x, B, C, dt = ssm_inputs(conv_out, dt, dt_bias, n_heads, d_inner // n_heads, n_groups)
     y, state = ssd_chunked_scan(x, dt, A, B, C, chunk_size, doc_ids, return_final_state=True)
     y = y + x * D[:, None]
     normed, rstd = gated_rms_norm(y.flatten(-2), z, norm_weight, n_groups, eps)
