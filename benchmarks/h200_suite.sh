@@ -8,7 +8,9 @@
 # and reduce_dtype, micro-batch 2, compile), bamba-9b-best (the fastest configuration, profiled on
 # steps 13-14), loss-match-1b (50 steps of bamba-1b on a learnable corpus: every throughput option
 # vs the reference mixer, eager, fp32 reduce), fused-op (the mixer's custom op vs mamba-ssm's
-# direct call), bamba-9b-final (the kept configuration), checkpoint-9b (one async save of
+# direct call), bamba-9b-final (the kept configuration), bamba-9b-nccl-channels (it with
+# NCCL_MAX_NCHANNELS in $NCCL_CHANNELS, default "8 4"), bamba-9b-keep-last (it with
+# reshard_after_forward=keep-last-N, N in $KEEP_LAST, default "8 16"), checkpoint-9b (one async save of
 # Bamba-9B's 117 GB while training). Default: the first five.
 # Each benchmark's whole output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
@@ -23,8 +25,9 @@ seq="--seq-len 4096"
 bench() {  # name, seconds allowed, command...
   local name=$1 limit=$2; shift 2
   echo "=== $name: $*"
+  local start=$SECONDS
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
-  echo "exit $?"; grep -E "^(preset|step time|tokens/s/GPU|MFU|peak memory)|sync save|async|blocked" "$out/$name.log" || tail -5 "$out/$name.log"
+  echo "exit $? after $((SECONDS - start)) s"; grep -E "^(preset|step time|tokens/s/GPU|MFU|peak memory)|sync save|async|blocked" "$out/$name.log" || tail -5 "$out/$name.log"
 }
 torchrun2="torchrun --standalone --nproc_per_node=2"
 
@@ -71,6 +74,17 @@ for group in $groups; do
     bamba-9b-final)
       bench 9b-final 240 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 12 --log-interval 4 \
         --compile --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16 ;;
+    bamba-9b-nccl-channels)  # the final configuration with NCCL held to fewer channels (SMs)
+      for channels in ${NCCL_CHANNELS:-8 4}; do
+        NCCL_MAX_NCHANNELS=$channels bench 9b-final-nccl$channels 240 $torchrun2 benchmarks/train.py --preset bamba-9b $seq \
+          --micro-batch-size 2 --steps 12 --log-interval 4 --compile --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16
+      done ;;
+    bamba-9b-keep-last)  # the final configuration keeping the last N blocks' gathered params for backward
+      for n in ${KEEP_LAST:-8 16}; do
+        bench 9b-final-keep-last-$n 240 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 12 \
+          --log-interval 4 --compile --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16 \
+          parallelism.reshard_after_forward=keep-last-$n
+      done ;;
     checkpoint-9b)
       bench 9b-checkpoint 420 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml --out=/tmp/ckpt-bench-9b \
         --modes=async --repeats=1 --discard=True --training.micro_batch_size=2 --parallelism.activation_checkpoint=none \

@@ -122,9 +122,9 @@ class ParallelismSection:
     compile: bool = False
     """torch.compile each decoder block."""
     reshard_after_forward: str = "default"
-    """default (every block but the last) | always | never (keep each block's gathered params
-    from forward to backward: one all-gather per micro-batch instead of two, for the whole model's
-    gathered params in memory)."""
+    """Which blocks free their gathered params after forward: default (all but the last) | always |
+    never (none: one all-gather per micro-batch instead of two, for the whole model's gathered
+    params in memory) | keep-last-N (all but the last N)."""
     reduce_dtype: str = "float32"
     """Gradient reduce-scatter dtype: float32 | bfloat16 (half the bytes; sums over many ranks lose bits)."""
 

@@ -55,24 +55,30 @@ def parse_activation_checkpoint(mode: str) -> int:
     raise ValueError(f"parallelism.activation_checkpoint must be none | full | every-N, got {mode!r}")
 
 
-RESHARD_POLICIES = ("default", "always", "never")
+RESHARD_POLICIES = ("default", "always", "never", "keep-last-N")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 """The names `training.dtype` and `parallelism.reduce_dtype` take."""
 
 
+def blocks_kept_gathered(policy: str, n_blocks: int) -> int:
+    """How many of the last blocks keep their gathered params from forward to backward: the last
+    one by default (backward needs it again at once), none for always, all for never, N for
+    keep-last-N (backward gathers them first, so each saves one all-gather for its gathered copy
+    in memory). ValueError naming the field for anything else."""
+    fixed = {"default": 1, "always": 0, "never": n_blocks}
+    if policy in fixed:
+        return fixed[policy]
+    prefix, _, count = policy.rpartition("-")
+    if prefix == "keep-last" and count.isdigit():
+        return min(int(count), n_blocks)
+    raise ValueError(f"parallelism.reshard_after_forward must be one of {RESHARD_POLICIES}, got {policy!r}")
+
+
 def check_fsdp_options(cfg: ParallelismSection) -> None:
     """ValueError naming the field when reshard_after_forward or reduce_dtype is unknown."""
-    if cfg.reshard_after_forward not in RESHARD_POLICIES:
-        raise ValueError(f"parallelism.reshard_after_forward must be one of {RESHARD_POLICIES}, "
-                         f"got {cfg.reshard_after_forward!r}")
+    blocks_kept_gathered(cfg.reshard_after_forward, 1)
     if cfg.reduce_dtype not in DTYPES:
         raise ValueError(f"parallelism.reduce_dtype must be one of {tuple(DTYPES)}, got {cfg.reduce_dtype!r}")
-
-
-def reshard_block_after_forward(policy: str, index: int, n_blocks: int) -> bool:
-    """Free block `index`'s gathered params after its forward? By default all but the last
-    block's, whose params backward needs again right away."""
-    return policy == "always" or (policy == "default" and index < n_blocks - 1)
 
 
 def init_distributed(device: torch.device) -> None:
@@ -103,13 +109,13 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
     every = parse_activation_checkpoint(cfg.activation_checkpoint)
     check_fsdp_options(cfg)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=DTYPES[cfg.reduce_dtype])
+    first_kept = len(model.layers) - blocks_kept_gathered(cfg.reshard_after_forward, len(model.layers))
     for index, block in enumerate(list(model.layers)):
         if every and index % every == 0:
             # checkpoint_wrapper's prefix is stripped from state_dict and DCP keys alike.
             block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
         if cfg.compile:
             block.compile()
-        reshard = reshard_block_after_forward(cfg.reshard_after_forward, index, len(model.layers))
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < first_kept)
         model.layers[index] = block
     fully_shard(model, mesh=mesh, mp_policy=policy)

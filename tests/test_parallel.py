@@ -22,6 +22,8 @@ def process_group():
     ("default", [False, False, True]),  # the last block's are needed again first in backward
     ("always", [False, False, False]),
     ("never", [True, True, True]),
+    ("keep-last-2", [False, True, True]),
+    ("keep-last-9", [True, True, True]),
 ])
 def test_reshard_after_forward_policy(process_group, policy, gathered_after_forward):
     config = BambaConfig.from_preset("tiny", n_layers=3, attn_layer_indices=(1,))

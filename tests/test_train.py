@@ -204,7 +204,8 @@ def test_a_signal_in_the_last_step_ends_the_run_complete(corpus, tmp_path, monke
     (lambda tmp, corpus: as_cli_args(tiny_overrides(tmp / "run", corpus, **{"checkpoint.init_from": str(tmp / "gone")})),
      r"checkpoint\.init_from: .*gone"),
     (lambda tmp, corpus: ["--parallelism.reshard_after_forward=sometimes"],
-     r"parallelism\.reshard_after_forward must be one of \('default', 'always', 'never'\), got 'sometimes'"),
+     r"parallelism\.reshard_after_forward must be one of \('default', 'always', 'never', 'keep-last-N'\), "
+     r"got 'sometimes'"),
     (lambda tmp, corpus: ["--parallelism.reduce_dtype=float8"], r"parallelism\.reduce_dtype must be one of"),
     (lambda tmp, corpus: ["--profiling.steps=0"], r"profiling\.start_step and profiling\.steps must be >= 1"),
     (lambda tmp, corpus: ["--profiling.enable=true", "--profiling.start_step=299", "--profiling.steps=3"],
