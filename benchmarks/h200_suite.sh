@@ -8,7 +8,8 @@
 # and reduce_dtype, micro-batch 2, compile), bamba-9b-best (the fastest configuration, profiled on
 # steps 13-14), loss-match-1b (50 steps of bamba-1b on a learnable corpus: every throughput option
 # vs the reference mixer, eager, fp32 reduce), fused-op (the mixer's custom op vs mamba-ssm's
-# direct call), bamba-9b-final (the kept configuration), bamba-9b-nccl-channels (it with
+# direct call), loss-check (the fused LM-head cross-entropy vs float64, and its time and memory
+# against autograd), bamba-9b-final (the kept configuration), bamba-9b-nccl-channels (it with
 # NCCL_MAX_NCHANNELS in $NCCL_CHANNELS, default "8 4"), bamba-9b-keep-last (it with
 # reshard_after_forward=keep-last-N, N in $KEEP_LAST, default "8 16"), checkpoint-9b (one async save of
 # Bamba-9B's 117 GB while training). Default: the first five.
@@ -71,6 +72,9 @@ for group in $groups; do
       python benchmarks/compare_losses.py /tmp/lm/fast /tmp/lm/reference | tee "$out/loss-match-1b.txt" ;;
     fused-op)
       bench fused-op-check 180 python benchmarks/fused_op_check.py ;;
+    loss-check)
+      bench loss-check 180 python benchmarks/loss_check.py
+      grep -E "fwd\+bwd" "$out/loss-check.log" ;;
     bamba-9b-final)
       bench 9b-final 240 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 12 --log-interval 4 \
         --compile --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16 ;;

@@ -103,7 +103,8 @@ def build_mesh(cfg: ParallelismSection, device: torch.device) -> DeviceMesh:
 
 def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: ParallelismSection, *,
                       param_dtype: torch.dtype = torch.float32) -> None:
-    """Activation checkpointing, then compile, then `fully_shard` per decoder block and the root.
+    """Activation checkpointing, then compile (of each block and the loss's elementwise part), then
+    `fully_shard` per decoder block and the root.
 
     Call on a model built under torch.device("meta"); afterwards `to_empty` + `init_weights`."""
     every = parse_activation_checkpoint(cfg.activation_checkpoint)
@@ -118,4 +119,6 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < first_kept)
         model.layers[index] = block
+    if cfg.compile:  # the loss's softmax and its gradient, fused into two passes over each logits chunk
+        model.loss_and_grad = torch.compile(model.loss_and_grad)
     fully_shard(model, mesh=mesh, mp_policy=policy)

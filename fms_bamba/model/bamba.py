@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fms_bamba.model import hf_mapping
 from fms_bamba.model.attention import Attention, KVCache
 from fms_bamba.model.config import BambaConfig
+from fms_bamba.model.loss import IGNORE_INDEX, linear_cross_entropy, summed_loss_and_logit_grad
 from fms_bamba.model.mamba2 import GatedRMSNorm, Mamba2Mixer, MambaState
 
 
@@ -92,6 +92,7 @@ class Bamba(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_and_grad = summed_loss_and_logit_grad
         if not self.output.weight.is_meta:
             self.init_weights()
 
@@ -189,23 +190,12 @@ class Bamba(nn.Module):
         return self.output(self.norm(h[:, 0]))  # [B, V]
 
     def chunked_cross_entropy(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean fp32 CE over labels != -100, a chunk of tokens at a time. With several chunks,
-        each chunk's logits are recomputed in backward rather than kept, so no more than one
-        chunk of fp32 logits exists at once."""
+        """Mean fp32 CE over labels != -100 of the LM head's logits, a chunk of tokens at a time
+        (model/loss.py); `loss_and_grad` is the elementwise part, which compile may replace."""
         h, labels = h.flatten(0, 1), labels.flatten()  # [B*S, D], [B*S]
-        chunk = self.config.loss_chunk_tokens
-        if labels.numel() <= chunk:
-            total = self._summed_cross_entropy(h, labels)
-        else:
-            total = sum(
-                checkpoint(self._summed_cross_entropy, h[i : i + chunk], labels[i : i + chunk], use_reentrant=False)
-                for i in range(0, labels.numel(), chunk)
-            )
-        return total / (labels != -100).sum().clamp(min=1)
-
-    def _summed_cross_entropy(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.output(h).float()  # [chunk, V]
-        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        total = linear_cross_entropy(h, self.output.weight, labels, chunk_tokens=self.config.loss_chunk_tokens,
+                                     loss_and_grad=self.loss_and_grad)
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     def check_inputs(
         self,
