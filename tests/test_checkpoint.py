@@ -194,7 +194,9 @@ def two_rank_run(tmp_path_factory) -> Path:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          __file__, str(run_dir)],
         capture_output=True, text=True, timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # The workers run this file as a script: the checkout's package first, not an installed one.
+        env={**os.environ, "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "skipping incomplete checkpoint" in result.stderr and "step-00000008" in result.stderr
