@@ -28,6 +28,7 @@ import os
 import pickle
 import random
 import re
+import resource
 import shutil
 import signal
 import time
@@ -54,6 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
@@ -417,7 +419,8 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 #    async_save fails in `dist.get_rank`), so async_process needs torch.distributed initialised;
 #  - to be stopped by close(): it keeps the last request's state dict, i.e. every staged shared
 #    buffer stays mapped (the whole checkpoint in /dev/shm) until its next request;
-#  - to survive the preemption signals (below).
+#  - to survive the preemption signals (below);
+#  - /dev/shm room for the staged state, and a file descriptor per staged tensor (below).
 
 # The signals fms_bamba.preemption turns into a save. Slurm delivers a job step's signals to every
 # process of the step, and Ctrl-C reaches the terminal's whole foreground process group: the
@@ -469,6 +472,48 @@ def _stop_checkpoint_process(timeout: float = 60.0) -> None:
 # (registered at its import, above), whose terminate()-then-join would wait forever on a daemon
 # that blocks SIGTERM.
 atexit.register(_stop_checkpoint_process, 10.0)
+
+
+def _prepare_shared_staging(state: dict[str, Any]) -> None:
+    """Check this host can stage `state` in shared memory, before the first async_process save.
+
+    The buffers live in /dev/shm, which all ranks of the host share: without room for them, the
+    copy of whichever rank allocates last fails (No space left on device), at the update after
+    the first save (a container's default /dev/shm is 64 MB); checked here, every rank fails alike
+    with the remedy. And each buffer keeps a file descriptor open in this process and in the
+    daemon, and sending the state to the daemon dups each once more: with
+    thousands of tensors (Bamba-9B's model and AdamW state: about 1,600 per rank) the usual soft
+    limit of 1024 open files is too low; it is raised to the hard limit, which the daemon inherits.
+    """
+    storages: dict[tuple[str, int], int] = {}
+    for value in state.values():
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if isinstance(value, DTensor) else value
+            storage = local.untyped_storage()
+            storages[(str(local.device), storage.data_ptr())] = storage.nbytes()
+
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = sum(storages.values()) * local_ranks
+    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free < needed:
+        raise RuntimeError(
+            f"checkpoint.async_mode=async_process stages the checkpoint in shared memory: "
+            f"{needed / 1e9:.2f} GB for the {local_ranks} rank(s) of this host, but /dev/shm has "
+            f"{shutil.disk_usage('/dev/shm').free / 1e9:.2f} GB free (in a container, raise its --shm-size); "
+            "async_mode=async stages into ordinary host memory")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = len(os.listdir("/proc/self/fd")) + 2 * len(storages) + 256 if os.path.isdir("/proc/self/fd") else 0
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        raise RuntimeError(
+            f"checkpoint.async_mode=async_process keeps a file descriptor open per staged tensor "
+            f"({len(storages)}), in this process and the checkpoint process: about {wanted} open files are "
+            f"needed, the hard limit (ulimit -Hn) is {hard}; raise it, or use async_mode=async")
+    new_soft = hard if hard != resource.RLIM_INFINITY else wanted
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+    logger.info("checkpoint: open-file limit raised from %d to %d for %d tensors in shared memory",
+                soft, new_soft, len(storages))
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,6 +603,8 @@ class CheckpointManager:
         meta = self._meta(step)
         state = self._tensor_state()
         process = self.cfg.async_mode == "async_process"
+        if process and self.stager is None:
+            _prepare_shared_staging(state)  # before any rank allocates
         if self.rank == 0:
             if tmp_dir.exists():  # left by a run killed while writing this step
                 shutil.rmtree(tmp_dir)

@@ -387,6 +387,40 @@ def test_async_process_writes_in_a_daemon_that_outlives_preemption_signals(tmp_p
     assert [c.step for c in list_checkpoints(tmp_path) if c.complete] == [1, 3, 4]
 
 
+def test_async_process_checks_shared_memory_and_raises_the_open_file_limit(tmp_path, process_group, monkeypatch):
+    """Each staged tensor keeps a file descriptor open (twice while it is sent): a model with more
+    tensors than the soft limit allows still saves. A /dev/shm without room is refused by name."""
+    import resource
+    import shutil
+
+    torch.manual_seed(17)
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(150)])  # 300 parameters, 1,200 tensors saved
+    optimizer = torch.optim.AdamW(model.parameters())
+    parts = (model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), Position(), Counters())
+    model(torch.randn(1, 2)).sum().backward()
+    optimizer.step()
+
+    real_disk_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=10_000))
+    with pytest.raises(RuntimeError, match=r"shared memory: .* /dev/shm has 0.00 GB free"):
+        manager(tmp_path, parts, interval=1, async_mode="async_process").save(1)
+    monkeypatch.undo()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"hard open-file limit {hard}: too low to raise the soft one past the tensors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        ckpt = manager(tmp_path, parts, interval=1, async_mode="async_process")
+        ckpt.save(1)
+        ckpt.close()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert_same(load_tensors(tmp_path / "checkpoints" / "step-00000001"),
+                {f"model.{k}": v for k, v in model.state_dict().items()})
+
+
 def test_async_process_needs_a_process_group(tmp_path):
     with pytest.raises(ValueError, match="async_process needs torch.distributed initialised"):
         manager(tmp_path, build(), async_mode="async_process")
