@@ -359,6 +359,7 @@ def test_async_process_writes_in_a_daemon_that_outlives_preemption_signals(tmp_p
         train_step(*parts)
         step = parts[4].step
         snapshots[step] = full_state(*parts[:2])
+        rng = torch.get_rng_state()
         ckpt.save(step)
         assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # training still gets the signals
         next_loss = train_step(*parts)  # its update waits for the copy into shared memory
@@ -381,6 +382,7 @@ def test_async_process_writes_in_a_daemon_that_outlives_preemption_signals(tmp_p
     assert again.load()
     assert_same(full_state(*resumed[:2]), snapshots[3])
     assert resumed[4].step == 3 and resumed[3].consumed == 3 * 8
+    assert torch.equal(torch.get_rng_state(), rng)  # the rng state, a plain tensor, of step 3
     assert train_step(*resumed) == next_loss  # step 4 again, exactly
     again.save(resumed[4].step)
     again.close()
