@@ -1,8 +1,10 @@
-"""What a checkpoint costs the training loop: a synchronous save, an asynchronous one, and how
-long the asynchronous one blocks training, for the model of a job config.
+"""What a checkpoint costs the training loop: a synchronous save, asynchronous ones (written by a
+thread, `async`, or by DCP's checkpoint process, `async_process`), and how long an asynchronous one
+blocks training, for the model of a job config.
 
     torchrun --nproc_per_node=8 benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/local/ckpt-bench
     python benchmarks/checkpoint.py configs/tiny.yaml --training.seq_len=64      # CPU, one process
+    python benchmarks/checkpoint.py configs/tiny.yaml --modes=async,async_process  # the two writers
 
 Trains on random tokens (no corpus needed) with the trainer's own model, parallelism, optimizer
 and schedule; `--section.field=value` overrides the config as for `fms-bamba train`. Rank 0 prints
@@ -46,10 +48,26 @@ class RandomTokens:
         self.batches = state["batches"]
 
 
+MODES = {"sync": "disabled", "async": "async", "async_process": "async_process"}
+"""Benchmark mode -> checkpoint.async_mode."""
+
+
+def parse_modes(modes: str | tuple | list) -> list[str]:
+    """`--modes=sync,async_process` (fire hands over a tuple when the names parse as Python, a
+    string when one is the keyword `async`)."""
+    names = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if m.strip()]
+    unknown = [m for m in names if m not in MODES]
+    if unknown or not names:
+        raise ValueError(f"--modes: {unknown or 'none given'}; choose from {','.join(MODES)}")
+    return names
+
+
 def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-checkpoint-bench",
          repeats: int = 2, modes: str = "sync,async", discard: bool = False, **overrides) -> None:
-    """modes: sync and/or async saves to time; discard: delete each checkpoint once timed (a disk
-    with room for one only, e.g. Bamba-9B's 117 GB)."""
+    """modes: comma-separated saves to time, of sync, async (written by a thread) and async_process
+    (written by DCP's checkpoint process); discard: delete each checkpoint once timed (a disk with
+    room for one only, e.g. Bamba-9B's 117 GB)."""
+    modes = parse_modes(modes)
     cfg = load_job_config(config, overrides)
     info = dist_info_from_env()
     model_cfg, device = build_model_config(cfg), pick_device(cfg, info)
@@ -110,16 +128,17 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
         return size_gb
 
     sync_times, size_gb = [], 0.0
-    if "sync" in modes.split(","):
+    if "sync" in modes:
         sync = manager("disabled", out_dir / "sync")
         for _ in range(repeats):
             sync_times.append(timed(lambda: sync.save(state.step)))
             size_gb = discard_checkpoints(out_dir / "sync")
             train_step()
 
-    blocked, total, overlapped_steps = [], [], []
-    if "async" in modes.split(","):
-        async_ckpt = manager("async", out_dir / "async")
+    async_results = {}
+    for mode in (m for m in modes if m != "sync"):
+        blocked, total, overlapped_steps = [], [], []
+        async_ckpt = manager(MODES[mode], out_dir / mode)
         for _ in range(repeats):
             start = time.perf_counter()
             blocked.append(timed(lambda: async_ckpt.save(state.step)))
@@ -130,25 +149,28 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
             dist.barrier()
             total.append(time.perf_counter() - start)
             overlapped_steps.append(step_times)
-            size_gb = discard_checkpoints(out_dir / "async")
+            size_gb = discard_checkpoints(out_dir / mode)
             train_step()
-        async_ckpt.close()  # the pinned buffers served every repeat, as they serve a run's saves
+        async_ckpt.close()  # the host buffers (and async_process's daemon) served every repeat, as in a run
+        steps_during = [t for times in overlapped_steps for t in times]
+        async_results.update({  # the first repeat includes allocating the buffers (and spawning the daemon)
+            f"{mode}_blocked_s": [round(t, 3) for t in blocked],
+            f"{mode}_write_s": [round(t, 3) for t in total],
+            f"steps_during_{mode}_write": [len(times) for times in overlapped_steps],
+            f"step_s_during_{mode}_write": round(sum(steps_during) / len(steps_during), 4) if steps_during else None,
+        })
 
-    steps_during = [t for times in overlapped_steps for t in times]
     result = {
         "config": config, "preset": cfg.model.preset, "world_size": info.world_size, "device": device.type,
         "parameters": sum(p.numel() for p in model.parameters()), "checkpoint_gb": round(size_gb, 3),
-        "step_s": round(step_time, 4),
+        "step_s": round(step_time, 4), "modes": modes,
         "sync_save_s": [round(t, 3) for t in sync_times],
         "sync_gb_per_s": round(size_gb / min(sync_times), 3) if sync_times else None,
-        "async_blocked_s": [round(t, 3) for t in blocked],
-        "async_write_s": [round(t, 3) for t in total],
-        "steps_during_async_write": [len(times) for times in overlapped_steps],
-        "step_s_during_async_write": round(sum(steps_during) / len(steps_during), 4) if steps_during else None,
+        **async_results,
     }
     if rank0:
         for key, value in result.items():
-            print(f"{key:>28}: {value}")
+            print(f"{key:>34}: {value}")
         print(json.dumps(result))
     dist.destroy_process_group()
 

@@ -18,14 +18,19 @@ DCP's own metadata classes and nothing else, and DCP's byte items are read with
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import io
 import json
 import logging
+import multiprocessing.resource_tracker
 import os
 import pickle
 import random
 import re
+import resource
 import shutil
+import signal
 import time
 import warnings
 from concurrent.futures import Future
@@ -37,10 +42,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import _async_process_executor as _dcp_process
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -48,6 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +73,7 @@ INIT_LOAD_PARTS = {
     "model+optimizer": ("model", "optimizer"),
     "model+optimizer+data": ("model", "optimizer", "data"),
 }
-ASYNC_MODES = ("disabled", "async")
+ASYNC_MODES = ("disabled", "async", "async_process")
 
 
 @dataclass
@@ -79,7 +87,8 @@ class CheckpointConfig:
     keep_last: int = 3
     """Committed checkpoints to keep (older ones are deleted); 0 keeps all."""
     async_mode: str = "disabled"
-    """Write mode: "disabled" (training waits for the write) | "async" (the write overlaps training)."""
+    """Write mode: "disabled" (training waits for the write) | "async" (the write overlaps training,
+    on a thread) | "async_process" (the same, written by a separate process)."""
     init_from: str = ""
     """When the run dir has no checkpoint: a checkpoint dir, or a run dir whose latest complete
     checkpoint is used, to start from."""
@@ -400,6 +409,114 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# async_process: DCP's checkpoint process
+# --------------------------------------------------------------------------------------------
+
+# DCP spawns its checkpoint process (a daemon, `_CHECKPOINT_PROCESS` of the module imported as
+# _dcp_process) at the first process-based async_save, forms a gloo group of the daemons of all
+# ranks, and keeps it until the interpreter exits. What it needs from us:
+#  - a process group: its rendezvous is set up over the group passed to async_save (without one,
+#    async_save fails in `dist.get_rank`), so async_process needs torch.distributed initialised;
+#  - to be stopped by close(): it keeps the last request's state dict, i.e. every staged shared
+#    buffer stays mapped (the whole checkpoint in /dev/shm) until its next request;
+#  - to survive the preemption signals (below);
+#  - /dev/shm room for the staged state, and a file descriptor per staged tensor (below).
+
+# The signals fms_bamba.preemption turns into a save. Slurm delivers a job step's signals to every
+# process of the step, and Ctrl-C reaches the terminal's whole foreground process group: the
+# daemon, which has no handler for them, would die of the signal, and the save it asks for would
+# fail (BrokenPipeError).
+_PREEMPTION_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+
+
+@contextlib.contextmanager
+def _threads_started_here_block_preemption_signals() -> Iterator[None]:
+    """Block the preemption signals in this thread for the duration: threads started meanwhile
+    keep the mask, and so do processes they spawn (the mask survives fork and exec).
+
+    DCP spawns its daemon from a thread that async_save starts, so the daemon never acts on these
+    signals (they stay pending); it is stopped through its pipe or SIGKILL (_stop_checkpoint_process).
+    This thread's mask is restored on exit; a signal sent meanwhile is handled then, not lost. The
+    same trick keeps Python's multiprocessing resource tracker alive through Ctrl-C; started here
+    first, so that its launch (which unblocks SIGINT and SIGTERM in the launching thread) does not
+    undo the mask in DCP's thread.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _PREEMPTION_SIGNALS)
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _PREEMPTION_SIGNALS)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop_checkpoint_process(timeout: float = 60.0) -> None:
+    """Stop DCP's checkpoint process of this rank, if running; the next process-based save spawns
+    another. Called with no write in flight (a request still in the pipe is waited for)."""
+    process, _dcp_process._CHECKPOINT_PROCESS = _dcp_process._CHECKPOINT_PROCESS, None
+    if process is None:
+        return
+    daemon = process._save_process
+    if daemon.is_alive():
+        with contextlib.suppress(OSError):  # its end of the pipe is already gone
+            process._send(_dcp_process._CheckpointSaveProcessControlOpts.TERMINATE)
+        daemon.join(timeout)
+    if daemon.is_alive():  # it blocks SIGTERM, so torch's own terminate() would not stop it
+        logger.warning("checkpoint process %d did not stop within %.0fs; killing it", daemon.pid, timeout)
+        daemon.kill()
+        daemon.join()
+
+
+# At exit without close() (an error, a second Ctrl-C): a write in flight has finished by then (the
+# interpreter joins DCP's thread first), and this runs before multiprocessing's own exit handler
+# (registered at its import, above), whose terminate()-then-join would wait forever on a daemon
+# that blocks SIGTERM.
+atexit.register(_stop_checkpoint_process, 10.0)
+
+
+def _prepare_shared_staging(state: dict[str, Any]) -> None:
+    """Check this host can stage `state` in shared memory, before the first async_process save.
+
+    The buffers live in /dev/shm, which all ranks of the host share: without room for them, the
+    copy of whichever rank allocates last fails (No space left on device), at the update after
+    the first save (a container's default /dev/shm is 64 MB); checked here, every rank fails alike
+    with the remedy. And each buffer keeps a file descriptor open in this process and in the
+    daemon, and sending the state to the daemon dups each once more: with
+    thousands of tensors (Bamba-9B's model and AdamW state: about 1,600 per rank) the usual soft
+    limit of 1024 open files is too low; it is raised to the hard limit, which the daemon inherits.
+    """
+    storages: dict[tuple[str, int], int] = {}
+    for value in state.values():
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if isinstance(value, DTensor) else value
+            storage = local.untyped_storage()
+            storages[(str(local.device), storage.data_ptr())] = storage.nbytes()
+
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = sum(storages.values()) * local_ranks
+    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free < needed:
+        raise RuntimeError(
+            f"checkpoint.async_mode=async_process stages the checkpoint in shared memory: "
+            f"{needed / 1e9:.2f} GB for the {local_ranks} rank(s) of this host, but /dev/shm has "
+            f"{shutil.disk_usage('/dev/shm').free / 1e9:.2f} GB free (in a container, raise its --shm-size); "
+            "async_mode=async stages into ordinary host memory")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = len(os.listdir("/proc/self/fd")) + 2 * len(storages) + 256 if os.path.isdir("/proc/self/fd") else 0
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        raise RuntimeError(
+            f"checkpoint.async_mode=async_process keeps a file descriptor open per staged tensor "
+            f"({len(storages)}), in this process and the checkpoint process: about {wanted} open files are "
+            f"needed, the hard limit (ulimit -Hn) is {hard}; raise it, or use async_mode=async")
+    new_soft = hard if hard != resource.RLIM_INFINITY else wanted
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+    logger.info("checkpoint: open-file limit raised from %d to %d for %d tensors in shared memory",
+                soft, new_soft, len(storages))
+
+
+# --------------------------------------------------------------------------------------------
 # The trainer's manager
 # --------------------------------------------------------------------------------------------
 
@@ -462,7 +579,11 @@ class CheckpointManager:
         self.stager: DefaultStager | None = None  # async mode's CPU copy, kept between saves
         self.staging: Future | None = None  # the copy of an async save into host memory, while it runs
         self.staging_hook = None
-        if cfg.enable and cfg.async_mode == "async":
+        if cfg.enable and cfg.async_mode == "async_process" and not self.distributed:
+            raise ValueError("checkpoint.async_mode=async_process needs torch.distributed initialised (the "
+                             "trainer always is): DCP's checkpoint process forms its group from the training "
+                             "processes' group")
+        if cfg.enable and cfg.async_mode != "disabled":
             # The copy runs beside the next forward and backward; only an update must wait for it.
             self.staging_hook = optimizer.register_step_pre_hook(lambda *_: self.wait_for_staging())
         self.last_saved_step = -1
@@ -481,23 +602,37 @@ class CheckpointManager:
         final_dir = self.folder / checkpoint_dir_name(step)
         meta = self._meta(step)
         state = self._tensor_state()
+        process = self.cfg.async_mode == "async_process"
+        if process and self.stager is None:
+            _prepare_shared_staging(state)  # before any rank allocates
         if self.rank == 0:
             if tmp_dir.exists():  # left by a run killed while writing this step
                 shutil.rmtree(tmp_dir)
             tmp_dir.mkdir(parents=True)
         self._barrier()
         start = time.perf_counter()
-        if self.cfg.async_mode == "async":
+        if self.cfg.async_mode != "disabled":
             cuda = torch.cuda.is_available()
+            # "async" writes on a thread of this process. DCP's writer serialises every tensor
+            # with torch.save into a Python stream, under the GIL: on Bamba-9B the training steps
+            # that overlapped the write were 14% slower, most likely from contention for it.
+            # "async_process" hands the staged state to DCP's checkpoint process (spawned at the
+            # first save, kept for the next; a gloo group of its own), which writes it with its own
+            # interpreter; the buffers are in shared memory, so nothing is copied on the way.
             if self.stager is None:
-                # Pinned host buffers, allocated at the first save and reused, filled by a thread of
-                # the stager's on a stream of its own while training goes on.
-                self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                # Host buffers (pinned with CUDA; shared for async_process), allocated at the first
+                # save and reused, filled by a thread of the stager's on a stream of its own while
+                # training goes on.
+                self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=process,
                                                            use_async_staging=True, use_non_blocking_copy=cuda))
             if cuda:  # the staging stream must copy this step's update, not race it
                 torch.cuda.current_stream().synchronize()
-            response = dcp.async_save(state, checkpoint_id=tmp_dir, process_group=self.cpu_group,
-                                      async_stager=self.stager, no_dist=not self.distributed)
+            spawns = process and _dcp_process._CHECKPOINT_PROCESS is None  # this save starts the daemon
+            with _threads_started_here_block_preemption_signals() if spawns else contextlib.nullcontext():
+                response = dcp.async_save(state, checkpoint_id=tmp_dir, process_group=self.cpu_group,
+                                          async_stager=self.stager, no_dist=not self.distributed,
+                                          async_checkpointer_type=AsyncCheckpointerType.PROCESS if process
+                                          else AsyncCheckpointerType.THREAD)
             self.staging = response.staging_completion
             self.pending = (response.upload_completion, tmp_dir, final_dir, meta)
             if self.rank == 0:
@@ -536,9 +671,11 @@ class CheckpointManager:
         self._commit_pending(wait=True)
 
     def close(self) -> None:
-        """Wait for an async save in flight, commit it, free the host buffers and detach from the
-        optimizer; collective."""
+        """Wait for an async save in flight, commit it, free the host buffers (stopping the
+        checkpoint process of async_process) and detach from the optimizer; collective."""
         self._commit_pending(wait=True)
+        if self.cfg.async_mode == "async_process":
+            _stop_checkpoint_process()
         if self.stager is not None:
             self.stager.close()
             self.stager = None

@@ -5,6 +5,7 @@ continued training."""
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -177,6 +178,35 @@ def worker(run_dir: Path) -> None:
         saved = load_tensors(run_dir / "async" / "checkpoints" / "step-00000001", prefix="")
         assert_same({k: saved[k] for k in before}, before)
 
+    # 4b. async_process on FSDP2 DTensors and the cpu gloo group: the daemon of each rank writes
+    # both saves, the checkpoints hold the weights at save time and resume.
+    from torch.distributed.checkpoint import _async_process_executor as dcp_process
+
+    process_parts = build(seed=4, fsdp=True)
+    process_ckpt = manager(run_dir / "process", process_parts, interval=1, async_mode="async_process")
+    snapshots, daemons = {}, []
+    for _ in range(2):
+        train_step(*process_parts, rank=rank)
+        step = process_parts[4].step
+        snapshots[step] = full_state(*process_parts[:2])
+        process_ckpt.save(step)
+        train_step(*process_parts, rank=rank)  # its update waits for the copy into shared memory
+        process_ckpt.wait_for_write()
+        daemons.append([None, None])
+        dist.all_gather_object(daemons[-1], dcp_process._CHECKPOINT_PROCESS._save_process.pid)
+    assert daemons[0] == daemons[1] and len(set(daemons[0])) == 2  # one per rank, kept for the next save
+    process_ckpt.close()
+    assert dcp_process._CHECKPOINT_PROCESS is None
+    if rank == 0:
+        assert [c.step for c in list_checkpoints(run_dir / "process") if c.complete] == [1, 3]
+        for step, snapshot in snapshots.items():
+            saved = load_tensors(run_dir / "process" / "checkpoints" / f"step-0000000{step}", prefix="")
+            assert_same({k: saved[k] for k in snapshot}, snapshot)
+    resumed = build(seed=5, fsdp=True)
+    assert manager(run_dir / "process", resumed).load()
+    assert_same(full_state(*resumed[:2]), snapshots[3])
+    assert resumed[4].step == 3
+
     # 5. A signal on one rank stops both at the same step boundary.
     preemption = PreemptionHandler()
     assert not preemption.stop_requested()
@@ -194,7 +224,9 @@ def two_rank_run(tmp_path_factory) -> Path:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          __file__, str(run_dir)],
         capture_output=True, text=True, timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # The workers run this file as a script: the checkout's package first, not an installed one.
+        env={**os.environ, "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "skipping incomplete checkpoint" in result.stderr and "step-00000008" in result.stderr
@@ -204,7 +236,8 @@ def two_rank_run(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_fsdp_save_resume_fallback_async_preemption(two_rank_run):
     """The worker's own assertions: resume is exact, a truncated checkpoint is skipped with a
-    warning, keep_last prunes, async saves snapshot the weights, a signal stops every rank."""
+    warning, keep_last prunes, async saves (thread and process) snapshot the weights, a signal
+    stops every rank."""
     assert (two_rank_run / "full_step6.pt").exists()
 
 
@@ -303,6 +336,98 @@ def test_an_update_waits_for_the_async_copy(tmp_path, monkeypatch):
     assert_same({k: saved[k] for k in before}, before)
 
 
+@pytest.fixture
+def process_group():
+    """A one-rank gloo group, as the trainer starts without torchrun."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_async_process_writes_in_a_daemon_that_outlives_preemption_signals(tmp_path, process_group):
+    """async_process: DCP's checkpoint process, spawned by the first save, writes both; Slurm's
+    preemption signals reach every process of the job, and the daemon must survive them to write
+    the preemption save. close() stops it, and a second manager in the process starts another."""
+    from torch.distributed.checkpoint import _async_process_executor as dcp_process
+
+    parts = build(seed=15)
+    ckpt = manager(tmp_path, parts, interval=1, async_mode="async_process")
+    snapshots, daemons = {}, []
+    for _ in range(2):
+        train_step(*parts)
+        step = parts[4].step
+        snapshots[step] = full_state(*parts[:2])
+        rng = torch.get_rng_state()
+        ckpt.save(step)
+        assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # training still gets the signals
+        next_loss = train_step(*parts)  # its update waits for the copy into shared memory
+        ckpt.wait_for_write()
+        daemons.append(dcp_process._CHECKPOINT_PROCESS._save_process)
+        if step == 1:
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                os.kill(daemons[0].pid, signum)
+            time.sleep(0.2)
+    assert daemons[1] is daemons[0] and daemons[0].is_alive()
+    ckpt.close()
+    assert dcp_process._CHECKPOINT_PROCESS is None and daemons[0].exitcode == 0
+    assert [c.step for c in list_checkpoints(tmp_path) if c.complete] == [1, 3]
+    for step, snapshot in snapshots.items():
+        saved = load_tensors(tmp_path / "checkpoints" / f"step-0000000{step}", prefix="")
+        assert_same({k: saved[k] for k in snapshot}, snapshot)
+
+    resumed = build(seed=16)
+    again = manager(tmp_path, resumed, interval=1, async_mode="async_process")
+    assert again.load()
+    assert_same(full_state(*resumed[:2]), snapshots[3])
+    assert resumed[4].step == 3 and resumed[3].consumed == 3 * 8
+    assert torch.equal(torch.get_rng_state(), rng)  # the rng state, a plain tensor, of step 3
+    assert train_step(*resumed) == next_loss  # step 4 again, exactly
+    again.save(resumed[4].step)
+    again.close()
+    assert [c.step for c in list_checkpoints(tmp_path) if c.complete] == [1, 3, 4]
+
+
+def test_async_process_checks_shared_memory_and_raises_the_open_file_limit(tmp_path, process_group, monkeypatch):
+    """Each staged tensor keeps a file descriptor open (twice while it is sent): a model with more
+    tensors than the soft limit allows still saves. A /dev/shm without room is refused by name."""
+    import resource
+    import shutil
+
+    torch.manual_seed(17)
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(150)])  # 300 parameters, 1,200 tensors saved
+    optimizer = torch.optim.AdamW(model.parameters())
+    parts = (model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), Position(), Counters())
+    model(torch.randn(1, 2)).sum().backward()
+    optimizer.step()
+
+    real_disk_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=10_000))
+    with pytest.raises(RuntimeError, match=r"shared memory: .* /dev/shm has 0.00 GB free"):
+        manager(tmp_path, parts, interval=1, async_mode="async_process").save(1)
+    monkeypatch.undo()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"hard open-file limit {hard}: too low to raise the soft one past the tensors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        ckpt = manager(tmp_path, parts, interval=1, async_mode="async_process")
+        ckpt.save(1)
+        ckpt.close()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert_same(load_tensors(tmp_path / "checkpoints" / "step-00000001"),
+                {f"model.{k}": v for k, v in model.state_dict().items()})
+
+
+def test_async_process_needs_a_process_group(tmp_path):
+    with pytest.raises(ValueError, match="async_process needs torch.distributed initialised"):
+        manager(tmp_path, build(), async_mode="async_process")
+
+
 def test_single_process_save_resume_and_tmp_cleanup(tmp_path):
     parts = build(seed=11)
     ckpt = manager(tmp_path, parts, interval=3, keep_last=0)
@@ -383,7 +508,7 @@ def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("interval", 0, "checkpoint.interval"),
     ("keep_last", -1, "checkpoint.keep_last"),
-    ("async_mode", "threads", "checkpoint.async_mode"),
+    ("async_mode", "threads", r"checkpoint.async_mode must be one of \('disabled', 'async', 'async_process'\)"),
     ("init_load", "optimizer", "checkpoint.init_load"),
 ])
 def test_config_errors_name_the_field(field, value, message):

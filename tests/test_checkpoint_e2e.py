@@ -70,7 +70,8 @@ def train_args(run_dir: Path, corpus: Corpus, **overrides) -> list[str]:
 class Job:
     """`fms-bamba train` on `world_size` local processes."""
 
-    def __init__(self, world_size: int, args: list[str], log_dir: Path):
+    def __init__(self, world_size: int, args: list[str], log_dir: Path, *, sessions: bool = False):
+        """sessions: each rank leads a process session (and group) of its own, with its children."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -82,7 +83,7 @@ class Job:
                 env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                      "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                      "OMP_NUM_THREADS": "1"},
-                stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO,
+                stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=sessions,
             )
             for rank, log in enumerate(self.logs)
         ]
@@ -98,6 +99,29 @@ class Job:
     def signal(self, signum: int, ranks: list[int]) -> None:
         for rank in ranks:
             self.procs[rank].send_signal(signum)
+
+    def signal_groups(self, signum: int) -> None:
+        """Signal every process of every rank's group, children included, as Slurm signals a job step."""
+        for proc in self.procs:
+            os.killpg(proc.pid, signum)
+
+    def groups_left(self, grace: float = 5.0) -> list[int]:
+        """The ranks whose process group still has a live process (a child that outlived the rank;
+        multiprocessing's resource tracker leaves when its rank has, within `grace` seconds)."""
+        deadline = time.monotonic() + grace
+        while True:
+            groups = set()
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                if fields[0] != "Z":  # state; a zombie whose new parent does not reap it is gone
+                    groups.add(int(fields[2]))  # pgrp
+            left = [rank for rank, proc in enumerate(self.procs) if proc.pid in groups]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.1)
 
     def output(self) -> str:
         return "\n".join(log.read_text() for log in self.logs)
@@ -193,6 +217,30 @@ def test_kill9_then_sigterm_then_relaunch_reproduces_uninterrupted_losses(tmp_pa
                                   if resumed.get(step) != loss}
     assert read_meta(latest_complete_checkpoint(run_dir))["data_loader"] == \
         read_meta(latest_complete_checkpoint(reference_run))["data_loader"]
+
+
+def test_async_process_saves_through_a_preemption_signal_sent_to_every_process(tmp_path, corpus):
+    """checkpoint.async_mode=async_process: SIGTERM to every process of the job, DCP's checkpoint
+    processes included (as Slurm signals a job step), once they exist; the ranks save the step they
+    stop at through them, stop them, exit with EXIT_PREEMPTED, and the relaunch resumes there."""
+    run_dir, logs, steps = tmp_path / "run", tmp_path / "logs", 16
+    args = train_args(run_dir, corpus, **{"checkpoint.async_mode": "async_process", "training.steps": steps})
+    preempted = Job(2, args, logs, sessions=True)
+    deadline = time.monotonic() + 90
+    while latest_complete_checkpoint(run_dir) is None:  # step 3, written by the daemons they spawned
+        assert time.monotonic() < deadline and all(p.poll() is None for p in preempted.procs), preempted.output()[-6000:]
+        time.sleep(0.05)
+    preempted.signal_groups(signal.SIGTERM)
+    assert preempted.wait() == [EXIT_PREEMPTED, EXIT_PREEMPTED], preempted.output()[-6000:]
+    assert not preempted.groups_left()  # close() stopped the checkpoint processes
+    stopped_at = max(losses(run_dir))
+    assert 3 < stopped_at < steps
+    assert read_meta(latest_complete_checkpoint(run_dir))["step"] == stopped_at
+    assert "received SIGTERM" in preempted.output()
+
+    run(2, args, logs)
+    assert read_meta(latest_complete_checkpoint(run_dir))["step"] == steps
+    assert [record["step"] for record in metrics(run_dir)] == list(range(1, steps + 1))  # on from stopped_at
 
 
 def test_resume_on_1_then_3_processes_repeats_no_document(tmp_path, corpus, reference_run):
