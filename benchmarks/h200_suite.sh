@@ -12,8 +12,8 @@
 # against autograd), bamba-9b-final (the kept configuration), bamba-9b-nccl-channels (it with
 # NCCL_MAX_NCHANNELS in $NCCL_CHANNELS, default "8 4"), bamba-9b-keep-last (it with
 # reshard_after_forward=keep-last-N, N in $KEEP_LAST, default "8 16"), checkpoint-9b (one async save of
-# Bamba-9B's 117 GB while training), checkpoint-9b-process (the same save written by DCP's
-# checkpoint process, checkpoint.async_mode=async_process). Default: the first five.
+# Bamba-9B's 117 GB while training for each mode in $CKPT_MODES, default "async,async_process":
+# written by a thread, then by DCP's checkpoint process). Default: the first five.
 # Each benchmark's whole output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
 out=${1:?usage: h200_suite.sh OUT_DIR [GROUP ...]}
@@ -90,13 +90,9 @@ for group in $groups; do
           --log-interval 4 --compile --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16 \
           parallelism.reshard_after_forward=keep-last-$n
       done ;;
-    checkpoint-9b)
-      bench 9b-checkpoint 420 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml --out=/tmp/ckpt-bench-9b \
-        --modes=async --repeats=1 --discard=True --training.micro_batch_size=2 --parallelism.activation_checkpoint=none \
-        --parallelism.reduce_dtype=bfloat16 ;;
-    checkpoint-9b-process)
-      bench 9b-checkpoint-process 420 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml \
-        --out=/tmp/ckpt-bench-9b --modes=async_process --repeats=1 --discard=True --training.micro_batch_size=2 \
+    checkpoint-9b)  # one save of each mode in $CKPT_MODES (default: thread, then process)
+      bench 9b-checkpoint 560 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml --out=/tmp/ckpt-bench-9b \
+        --modes=${CKPT_MODES:-async,async_process} --repeats=1 --discard=True --training.micro_batch_size=2 \
         --parallelism.activation_checkpoint=none --parallelism.reduce_dtype=bfloat16 ;;
     *) echo "unknown group $group"; exit 2 ;;
   esac
