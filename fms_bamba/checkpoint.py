@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -408,6 +409,23 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
             np.random.set_state((algorithm, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+@functools.cache
+def stager_keeps_buffers() -> bool:
+    """Can one DCP DefaultStager stage again, reusing its host buffers? torch 2.11's closes itself
+    at the end of every copy (its buffers freed, its copier emptied: the next copy fails with
+    KeyError: <class 'type'>); 2.13's keeps them. Found out by staging a small dict twice."""
+    probe = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                         use_async_staging=False, use_non_blocking_copy=False))
+    try:
+        for _ in range(2):
+            probe.stage({"tensor": torch.zeros(1), "nested": {"value": 1}})
+        return True
+    except KeyError:
+        return False
+    finally:
+        probe.close()
+
+
 # --------------------------------------------------------------------------------------------
 # async_process: DCP's checkpoint process
 # --------------------------------------------------------------------------------------------
@@ -583,6 +601,11 @@ class CheckpointManager:
             raise ValueError("checkpoint.async_mode=async_process needs torch.distributed initialised (the "
                              "trainer always is): DCP's checkpoint process forms its group from the training "
                              "processes' group")
+        if cfg.enable and cfg.async_mode == "async_process" and not stager_keeps_buffers():
+            raise ValueError("checkpoint.async_mode=async_process needs a torch whose DefaultStager keeps its host "
+                             f"buffers between saves (2.13 does; this is {torch.__version__}, whose stager frees "
+                             "them after each copy, so each save would stage a new copy in /dev/shm beside the "
+                             "one the checkpoint process still maps): use async_mode=async")
         if cfg.enable and cfg.async_mode != "disabled":
             # The copy runs beside the next forward and backward; only an update must wait for it.
             self.staging_hook = optimizer.register_step_pre_hook(lambda *_: self.wait_for_staging())
@@ -619,6 +642,9 @@ class CheckpointManager:
             # "async_process" hands the staged state to DCP's checkpoint process (spawned at the
             # first save, kept for the next; a gloo group of its own), which writes it with its own
             # interpreter; the buffers are in shared memory, so nothing is copied on the way.
+            if self.stager is not None and not stager_keeps_buffers():
+                self.stager.close()  # it released its buffers after its copy and cannot copy again
+                self.stager = None
             if self.stager is None:
                 # Host buffers (pinned with CUDA; shared for async_process), allocated at the first
                 # save and reused, filled by a thread of the stager's on a stream of its own while

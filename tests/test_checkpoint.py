@@ -2,6 +2,7 @@
 torchrun worker), plus single-process tests of the offline readers, the restricted unpickler and
 continued training."""
 
+import functools
 import logging
 import os
 import pickle
@@ -334,6 +335,37 @@ def test_an_update_waits_for_the_async_copy(tmp_path, monkeypatch):
     assert not parts[1]._optimizer_step_pre_hooks  # closed: detached from the optimizer
     saved = load_tensors(tmp_path / "checkpoints" / "step-00000001", prefix="")
     assert_same({k: saved[k] for k in before}, before)
+
+
+def test_async_saves_with_a_stager_that_closes_itself_after_each_copy(tmp_path, monkeypatch, process_group):
+    """torch 2.11's DefaultStager closes itself at the end of every copy, so a second save through
+    it failed (KeyError: <class 'type'>, seen on the GPU host): there, each save gets a new stager,
+    and async_process (which would then hold two copies in /dev/shm) is refused."""
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    from fms_bamba import checkpoint
+
+    copy = DefaultStager._stage
+
+    def copy_then_close(self, *args, **kwargs):  # torch 2.11's _stage
+        staged = copy(self, *args, **kwargs)
+        self._state_dict_stager.close()
+        return staged
+
+    monkeypatch.setattr(DefaultStager, "_stage", copy_then_close)
+    monkeypatch.setattr(checkpoint, "stager_keeps_buffers", functools.cache(checkpoint.stager_keeps_buffers.__wrapped__))
+    assert not checkpoint.stager_keeps_buffers()
+    parts = build(seed=14)
+    ckpt = manager(tmp_path / "async", parts, interval=1, async_mode="async")
+    for step in (1, 2, 3):
+        train_step(*parts)
+        ckpt.save(step)
+    ckpt.close()
+    assert [c.step for c in list_checkpoints(tmp_path / "async") if c.complete] == [1, 2, 3]
+    assert_same(load_tensors(tmp_path / "async" / "checkpoints" / "step-00000003"),
+                {f"model.{k}": v for k, v in parts[0].state_dict().items()})
+    with pytest.raises(ValueError, match="async_process needs a torch whose DefaultStager keeps"):
+        manager(tmp_path / "process", build(), async_mode="async_process")
 
 
 @pytest.fixture
