@@ -47,6 +47,18 @@ def test_bf16_as_accurate_as_autograd_through_full_logits():
         assert fused_error <= 1.05 * unfused_error + 1e-6, (fused_error, unfused_error)
 
 
+def test_without_grad_only_the_loss_is_computed(monkeypatch):
+    """Evaluation runs under no_grad: the same loss, and none of the gradient matmuls."""
+    from fms_bamba.model import loss
+
+    h, weight, labels = torch.randn(9, 4, requires_grad=True), torch.randn(7, 4), torch.randint(0, 7, (9,))
+    labels[2] = -100
+    expected = linear_cross_entropy(h, weight, labels, chunk_tokens=4).detach()
+    monkeypatch.setattr(loss, "_matmul_into", lambda *a, **k: pytest.fail("a gradient matmul ran under no_grad"))
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, weight, labels, chunk_tokens=4), expected)
+
+
 def test_frozen_weight_gets_no_gradient():
     h, weight = torch.randn(9, 4, requires_grad=True), torch.randn(7, 4)
     linear_cross_entropy(h, weight, torch.randint(0, 7, (9,)), chunk_tokens=4).backward()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -76,4 +77,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                          loss_and_grad: Callable = summed_loss_and_logit_grad) -> torch.Tensor:
     """Sum over tokens of fp32 CE(h @ weight^T, labels), ignoring labels == -100. h [T, D],
     weight [V, D], labels [T]. No more than chunk_tokens x V logits exist at once."""
-    return _LinearCrossEntropy.apply(h, weight, labels, chunk_tokens, loss_and_grad)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, labels, chunk_tokens, loss_and_grad)
+    wide = torch.promote_types(h.dtype, torch.float32)  # no gradient wanted (evaluation): the loss alone
+    return sum(F.cross_entropy((h[i : i + chunk_tokens] @ weight.T).to(wide), labels[i : i + chunk_tokens],
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+               for i in range(0, h.shape[0], chunk_tokens))
