@@ -215,6 +215,10 @@ def test_token_id_outside_vocab_is_a_clear_error():
         model(torch.tensor([[1, 4096, 2]]))
     with pytest.raises(ValueError, match="token id -1 is outside"):
         model(torch.tensor([[1, -1]]))
+    ids = torch.tensor([[1, 2, 3]])
+    for labels in ([[2, 3, -5]], [[2, 4096, -100]]):  # -100 is ignored; any other id must be a row
+        with pytest.raises(ValueError, match=r"1 labels are neither -100 nor in \[0, vocab_size=4096\)"):
+            model(ids, labels=torch.tensor(labels))
     # the trainer turns the check off when its loader validates ids; then embedding raises
     unchecked = make_model(check_token_ids=False)
     with pytest.raises(IndexError):

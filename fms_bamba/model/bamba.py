@@ -216,12 +216,17 @@ class Bamba(nn.Module):
             if tensor is not None and tensor.shape != input_ids.shape:
                 raise ValueError(f"{name} shape {tuple(tensor.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if cfg.check_token_ids and input_ids.numel():
-            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync
+            checks = [*torch.aminmax(input_ids)]
+            if labels is not None:  # the loss takes any other label as a vocabulary row
+                checks.append(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= cfg.vocab_size))).sum())
+            low, high, *bad_labels = torch.stack(checks).tolist()  # one host sync
             if low < 0 or high >= cfg.vocab_size:
                 raise ValueError(
                     f"token id {high if high >= cfg.vocab_size else low} is outside the vocabulary "
                     f"[0, vocab_size={cfg.vocab_size})"
                 )
+            if bad_labels and bad_labels[0]:
+                raise ValueError(f"{bad_labels[0]} labels are neither {IGNORE_INDEX} nor in [0, vocab_size={cfg.vocab_size})")
 
     @classmethod
     def from_hf(cls, path: str | Path, *, dtype: torch.dtype | None = None, **config_overrides) -> Bamba:
