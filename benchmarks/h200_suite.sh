@@ -23,6 +23,10 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 seq="--seq-len 4096"
+# The kept Bamba-9B configuration (docs/performance.md); groups below vary it. `--set` is last, so
+# a group can add overrides after it.
+final9b="benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 12 --log-interval 4 --compile
+  --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16"
 
 bench() {  # name, seconds allowed, command...
   local name=$1 limit=$2; shift 2
@@ -77,18 +81,14 @@ for group in $groups; do
       bench loss-check 180 python benchmarks/loss_check.py
       grep -E "fwd\+bwd" "$out/loss-check.log" ;;
     bamba-9b-final)
-      bench 9b-final 240 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 12 --log-interval 4 \
-        --compile --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16 ;;
+      bench 9b-final 240 $torchrun2 $final9b ;;
     bamba-9b-nccl-channels)  # the final configuration with NCCL held to fewer channels (SMs)
       for channels in ${NCCL_CHANNELS:-8 4}; do
-        NCCL_MAX_NCHANNELS=$channels bench 9b-final-nccl$channels 240 $torchrun2 benchmarks/train.py --preset bamba-9b $seq \
-          --micro-batch-size 2 --steps 12 --log-interval 4 --compile --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16
+        NCCL_MAX_NCHANNELS=$channels bench 9b-final-nccl$channels 240 $torchrun2 $final9b
       done ;;
     bamba-9b-keep-last)  # the final configuration keeping the last N blocks' gathered params for backward
       for n in ${KEEP_LAST:-8 16}; do
-        bench 9b-final-keep-last-$n 240 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 12 \
-          --log-interval 4 --compile --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16 \
-          parallelism.reshard_after_forward=keep-last-$n
+        bench 9b-final-keep-last-$n 240 $torchrun2 $final9b parallelism.reshard_after_forward=keep-last-$n
       done ;;
     checkpoint-9b)  # one save of each mode in $CKPT_MODES (default: thread, then process)
       bench 9b-checkpoint 560 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml --out=/tmp/ckpt-bench-9b \

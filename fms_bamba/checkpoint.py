@@ -594,7 +594,7 @@ class CheckpointManager:
         # A CPU group for barriers and async saves, so neither syncs the GPU stream (as torchtitan).
         self.cpu_group = dist.new_group(backend="gloo") if self.distributed else None
         self.pending: tuple[Future, Path, Path, dict] | None = None  # (write, tmp dir, final dir, meta)
-        self.stager: DefaultStager | None = None  # async mode's CPU copy, kept between saves
+        self.stager: DefaultStager | None = None  # async modes' copy into host memory (_stager_for_save)
         self.staging: Future | None = None  # the copy of an async save into host memory, while it runs
         self.staging_hook = None
         if cfg.enable and cfg.async_mode == "async_process" and not self.distributed:
@@ -635,28 +635,18 @@ class CheckpointManager:
         self._barrier()
         start = time.perf_counter()
         if self.cfg.async_mode != "disabled":
-            cuda = torch.cuda.is_available()
-            # "async" writes on a thread of this process. DCP's writer serialises every tensor
-            # with torch.save into a Python stream, under the GIL: on Bamba-9B the training steps
-            # that overlapped the write were 14% slower, most likely from contention for it.
-            # "async_process" hands the staged state to DCP's checkpoint process (spawned at the
-            # first save, kept for the next; a gloo group of its own), which writes it with its own
-            # interpreter; the buffers are in shared memory, so nothing is copied on the way.
-            if self.stager is not None and not stager_keeps_buffers():
-                self.stager.close()  # it released its buffers after its copy and cannot copy again
-                self.stager = None
-            if self.stager is None:
-                # Host buffers (pinned with CUDA; shared for async_process), allocated at the first
-                # save and reused, filled by a thread of the stager's on a stream of its own while
-                # training goes on.
-                self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=process,
-                                                           use_async_staging=True, use_non_blocking_copy=cuda))
-            if cuda:  # the staging stream must copy this step's update, not race it
+            # "async" writes on a thread of this process; "async_process" hands the staged state
+            # to DCP's checkpoint process (spawned at the first save, kept for the next; a gloo
+            # group of its own), which writes it with its own interpreter; the buffers are in
+            # shared memory, so nothing is copied on the way. On Bamba-9B the process wrote 28%
+            # faster, but the steps overlapping either write were slowed alike (docs/performance.md).
+            stager = self._stager_for_save(shared=process)
+            if torch.cuda.is_available():  # the staging stream must copy this step's update, not race it
                 torch.cuda.current_stream().synchronize()
             spawns = process and _dcp_process._CHECKPOINT_PROCESS is None  # this save starts the daemon
             with _threads_started_here_block_preemption_signals() if spawns else contextlib.nullcontext():
                 response = dcp.async_save(state, checkpoint_id=tmp_dir, process_group=self.cpu_group,
-                                          async_stager=self.stager, no_dist=not self.distributed,
+                                          async_stager=stager, no_dist=not self.distributed,
                                           async_checkpointer_type=AsyncCheckpointerType.PROCESS if process
                                           else AsyncCheckpointerType.THREAD)
             self.staging = response.staging_completion
@@ -673,6 +663,20 @@ class CheckpointManager:
                 self._prune()
                 logger.info("checkpoint step %d: saved in %.2fs", step, time.perf_counter() - start)
         self.last_saved_step = step
+
+    def _stager_for_save(self, *, shared: bool) -> DefaultStager:
+        """The stager of an async save: host buffers (pinned with CUDA; in shared memory for
+        async_process) allocated at the first save and reused, filled by a thread of the stager's
+        on a stream of its own while training goes on. Where torch's stager closes itself after a
+        copy (stager_keeps_buffers), a new one for each save."""
+        if self.stager is not None and not stager_keeps_buffers():
+            self.stager.close()
+            self.stager = None
+        if self.stager is None:
+            cuda = torch.cuda.is_available()
+            self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=shared,
+                                                       use_async_staging=True, use_non_blocking_copy=cuda))
+        return self.stager
 
     def wait_for_staging(self) -> None:
         """Block until an async save's copy into host memory is done (before weights change)."""

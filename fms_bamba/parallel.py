@@ -43,15 +43,21 @@ def resolve_mesh_shape(cfg: ParallelismSection, world_size: int) -> tuple[int, i
     return cfg.dp_replicate, shard
 
 
+def _count_after(mode: str, prefix: str) -> int | None:
+    """N of a "prefix-N" option value, or None when mode is not one."""
+    head, _, count = mode.rpartition("-")
+    return int(count) if head == prefix and count.isdigit() else None
+
+
 def parse_activation_checkpoint(mode: str) -> int:
     """Checkpoint every N-th block: 0 = none, 1 = full, N for 'every-N'."""
     if mode == "none":
         return 0
     if mode == "full":
         return 1
-    prefix, _, every = mode.partition("-")
-    if prefix == "every" and every.isdigit() and int(every) >= 1:
-        return int(every)
+    every = _count_after(mode, "every")
+    if every is not None and every >= 1:
+        return every
     raise ValueError(f"parallelism.activation_checkpoint must be none | full | every-N, got {mode!r}")
 
 
@@ -68,9 +74,9 @@ def blocks_kept_gathered(policy: str, n_blocks: int) -> int:
     fixed = {"default": 1, "always": 0, "never": n_blocks}
     if policy in fixed:
         return fixed[policy]
-    prefix, _, count = policy.rpartition("-")
-    if prefix == "keep-last" and count.isdigit():
-        return min(int(count), n_blocks)
+    count = _count_after(policy, "keep-last")
+    if count is not None:
+        return min(count, n_blocks)
     raise ValueError(f"parallelism.reshard_after_forward must be one of {RESHARD_POLICIES}, got {policy!r}")
 
 
