@@ -152,12 +152,16 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
             size_gb = discard_checkpoints(out_dir / mode)
             train_step()
         async_ckpt.close()  # the host buffers (and async_process's daemon) served every repeat, as in a run
-        steps_during = [t for times in overlapped_steps for t in times]
         async_results.update({  # the first repeat includes allocating the buffers (and spawning the daemon)
             f"{mode}_blocked_s": [round(t, 3) for t in blocked],
             f"{mode}_write_s": [round(t, 3) for t in total],
             f"steps_during_{mode}_write": [len(times) for times in overlapped_steps],
-            f"step_s_during_{mode}_write": round(sum(steps_during) / len(steps_during), 4) if steps_during else None,
+            f"step_s_during_{mode}_write": [round(sum(times) / len(times), 4) if times else None
+                                            for times in overlapped_steps],
+            # Training time the save cost: the blocked start, and what the overlapped steps took
+            # beyond the same number of steps without a save.
+            f"{mode}_lost_s": [round(b + sum(times) - len(times) * step_time, 2)
+                               for b, times in zip(blocked, overlapped_steps)],
         })
 
     result = {

@@ -13,7 +13,7 @@
 # NCCL_MAX_NCHANNELS in $NCCL_CHANNELS, default "8 4"), bamba-9b-keep-last (it with
 # reshard_after_forward=keep-last-N, N in $KEEP_LAST, default "8 16"), checkpoint-9b (one async save of
 # Bamba-9B's 117 GB while training for each mode in $CKPT_MODES, default "async,async_process":
-# written by a thread, then by DCP's checkpoint process). Default: the first five.
+# written by a thread, then by DCP's checkpoint process; $CKPT_REPEATS saves of each, default 1). Default: the first five.
 # Each benchmark's whole output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
 out=${1:?usage: h200_suite.sh OUT_DIR [GROUP ...]}
@@ -52,9 +52,9 @@ for group in $groups; do
       bench 9b-fsdp2-mb1-compile 300 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 1 --steps 15 --workdir /tmp/b9c --compile ;;
     bamba-9b-mb2-compile)
       bench 9b-fsdp2-mb2-compile 200 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 12 --workdir /tmp/b9m2 --compile ;;
-    bamba-9b-profile)
-      bench 9b-profile 220 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 11 --workdir /tmp/b9p --compile \
-        --set profiling.enable=true profiling.start_step=9 profiling.steps=2
+    bamba-9b-profile)  # the kept configuration, with $PROFILE_SET added
+      bench 9b-profile 240 $torchrun2 $final9b parallelism.reshard_after_forward=keep-last-16 \
+        profiling.enable=true profiling.start_step=9 profiling.steps=2 ${PROFILE_SET:-}
       cp /tmp/b9p/run/profile/rank0.txt "$out/9b-profile-rank0.txt"
       sed -n '/^per step/,/^$/p' "$out/9b-profile-rank0.txt" ;;
     bamba-9b-fsdp-options)
@@ -72,7 +72,7 @@ for group in $groups; do
     loss-match-1b)
       lm="--preset bamba-1b $seq --micro-batch-size 2 --steps 50 --log-interval 1 --learnable-data --workdir /tmp/lm"
       bench 1b-loss-fast 200 $torchrun2 benchmarks/train.py $lm --run-name fast --compile \
-        --set parallelism.reshard_after_forward=never parallelism.reduce_dtype=bfloat16
+        --set parallelism.reshard_after_forward=keep-last-16 parallelism.reduce_dtype=bfloat16
       bench 1b-loss-reference 200 $torchrun2 benchmarks/train.py $lm --run-name reference --set model.mixer_impl=reference
       python benchmarks/compare_losses.py /tmp/lm/fast /tmp/lm/reference | tee "$out/loss-match-1b.txt" ;;
     fused-op)
@@ -90,9 +90,12 @@ for group in $groups; do
       for n in ${KEEP_LAST:-8 16}; do
         bench 9b-final-keep-last-$n 240 $torchrun2 $final9b parallelism.reshard_after_forward=keep-last-$n
       done ;;
-    checkpoint-9b)  # one save of each mode in $CKPT_MODES (default: thread, then process)
-      bench 9b-checkpoint 560 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml --out=/tmp/ckpt-bench-9b \
-        --modes=${CKPT_MODES:-async,async_process} --repeats=1 --discard=True --training.micro_batch_size=2 \
+    checkpoint-1b-async)  # $CKPT_REPEATS async saves of each mode, on one GPU: the host buffers reused
+      bench 1b-checkpoint-async 300 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench \
+        --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-2} --discard=True ;;
+    checkpoint-9b)  # $CKPT_REPEATS saves of each mode in $CKPT_MODES (default: 1 by a thread, then 1 by the process)
+      bench 9b-checkpoint 580 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml --out=/tmp/ckpt-bench-9b \
+        --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-1} --discard=True --training.micro_batch_size=2 \
         --parallelism.activation_checkpoint=none --parallelism.reduce_dtype=bfloat16 ;;
     *) echo "unknown group $group"; exit 2 ;;
   esac

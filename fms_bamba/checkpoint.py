@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import io
 import json
 import logging
@@ -47,7 +46,6 @@ from torch.distributed.checkpoint import _async_process_executor as _dcp_process
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -57,6 +55,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor
+
+from fms_bamba.staging import HostStager
 
 logger = logging.getLogger(__name__)
 
@@ -409,23 +409,6 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
             np.random.set_state((algorithm, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-@functools.cache
-def stager_keeps_buffers() -> bool:
-    """Can one DCP DefaultStager stage again, reusing its host buffers? torch 2.11's closes itself
-    at the end of every copy (its buffers freed, its copier emptied: the next copy fails with
-    KeyError: <class 'type'>); 2.13's keeps them. Found out by staging a small dict twice."""
-    probe = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
-                                         use_async_staging=False, use_non_blocking_copy=False))
-    try:
-        for _ in range(2):
-            probe.stage({"tensor": torch.zeros(1), "nested": {"value": 1}})
-        return True
-    except KeyError:
-        return False
-    finally:
-        probe.close()
-
-
 # --------------------------------------------------------------------------------------------
 # async_process: DCP's checkpoint process
 # --------------------------------------------------------------------------------------------
@@ -594,18 +577,13 @@ class CheckpointManager:
         # A CPU group for barriers and async saves, so neither syncs the GPU stream (as torchtitan).
         self.cpu_group = dist.new_group(backend="gloo") if self.distributed else None
         self.pending: tuple[Future, Path, Path, dict] | None = None  # (write, tmp dir, final dir, meta)
-        self.stager: DefaultStager | None = None  # async modes' copy into host memory (_stager_for_save)
+        self.stager: HostStager | None = None  # async modes' copy into host memory, made at the first save
         self.staging: Future | None = None  # the copy of an async save into host memory, while it runs
         self.staging_hook = None
         if cfg.enable and cfg.async_mode == "async_process" and not self.distributed:
             raise ValueError("checkpoint.async_mode=async_process needs torch.distributed initialised (the "
                              "trainer always is): DCP's checkpoint process forms its group from the training "
                              "processes' group")
-        if cfg.enable and cfg.async_mode == "async_process" and not stager_keeps_buffers():
-            raise ValueError("checkpoint.async_mode=async_process needs a torch whose DefaultStager keeps its host "
-                             f"buffers between saves (2.13 does; this is {torch.__version__}, whose stager frees "
-                             "them after each copy, so each save would stage a new copy in /dev/shm beside the "
-                             "one the checkpoint process still maps): use async_mode=async")
         if cfg.enable and cfg.async_mode != "disabled":
             # The copy runs beside the next forward and backward; only an update must wait for it.
             self.staging_hook = optimizer.register_step_pre_hook(lambda *_: self.wait_for_staging())
@@ -640,13 +618,14 @@ class CheckpointManager:
             # group of its own), which writes it with its own interpreter; the buffers are in
             # shared memory, so nothing is copied on the way. On Bamba-9B the process wrote 28%
             # faster, but the steps overlapping either write were slowed alike (docs/performance.md).
-            stager = self._stager_for_save(shared=process)
+            if self.stager is None:  # pinned with CUDA; in shared memory for the checkpoint process
+                self.stager = HostStager(pin=True, shared=process)
             if torch.cuda.is_available():  # the staging stream must copy this step's update, not race it
                 torch.cuda.current_stream().synchronize()
             spawns = process and _dcp_process._CHECKPOINT_PROCESS is None  # this save starts the daemon
             with _threads_started_here_block_preemption_signals() if spawns else contextlib.nullcontext():
                 response = dcp.async_save(state, checkpoint_id=tmp_dir, process_group=self.cpu_group,
-                                          async_stager=stager, no_dist=not self.distributed,
+                                          async_stager=self.stager, no_dist=not self.distributed,
                                           async_checkpointer_type=AsyncCheckpointerType.PROCESS if process
                                           else AsyncCheckpointerType.THREAD)
             self.staging = response.staging_completion
@@ -663,20 +642,6 @@ class CheckpointManager:
                 self._prune()
                 logger.info("checkpoint step %d: saved in %.2fs", step, time.perf_counter() - start)
         self.last_saved_step = step
-
-    def _stager_for_save(self, *, shared: bool) -> DefaultStager:
-        """The stager of an async save: host buffers (pinned with CUDA; in shared memory for
-        async_process) allocated at the first save and reused, filled by a thread of the stager's
-        on a stream of its own while training goes on. Where torch's stager closes itself after a
-        copy (stager_keeps_buffers), a new one for each save."""
-        if self.stager is not None and not stager_keeps_buffers():
-            self.stager.close()
-            self.stager = None
-        if self.stager is None:
-            cuda = torch.cuda.is_available()
-            self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=shared,
-                                                       use_async_staging=True, use_non_blocking_copy=cuda))
-        return self.stager
 
     def wait_for_staging(self) -> None:
         """Block until an async save's copy into host memory is done (before weights change)."""

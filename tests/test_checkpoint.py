@@ -2,7 +2,6 @@
 torchrun worker), plus single-process tests of the offline readers, the restricted unpickler and
 continued training."""
 
-import functools
 import logging
 import os
 import pickle
@@ -320,10 +319,10 @@ def test_an_update_waits_for_the_async_copy(tmp_path, monkeypatch):
     """The copy of an async save into host memory runs while training goes on; the optimizer's
     next update must wait for it, or the checkpoint would hold half-updated weights. A slowed
     copy makes the race certain."""
-    from torch.distributed.checkpoint.staging import DefaultStager
+    from fms_bamba.staging import HostStager
 
-    copy = DefaultStager._stage
-    monkeypatch.setattr(DefaultStager, "_stage", lambda self, *a, **k: (time.sleep(0.5), copy(self, *a, **k))[1])
+    copy = HostStager._copy
+    monkeypatch.setattr(HostStager, "_copy", lambda self, *a, **k: (time.sleep(0.5), copy(self, *a, **k))[1])
     parts = build(seed=13)
     ckpt = manager(tmp_path, parts, interval=1, async_mode="async")
     train_step(*parts)
@@ -337,35 +336,25 @@ def test_an_update_waits_for_the_async_copy(tmp_path, monkeypatch):
     assert_same({k: saved[k] for k in before}, before)
 
 
-def test_async_saves_with_a_stager_that_closes_itself_after_each_copy(tmp_path, monkeypatch, process_group):
-    """torch 2.11's DefaultStager closes itself at the end of every copy, so a second save through
-    it failed (KeyError: <class 'type'>, seen on the GPU host): there, each save gets a new stager,
-    and async_process (which would then hold two copies in /dev/shm) is refused."""
-    from torch.distributed.checkpoint.staging import DefaultStager
-
-    from fms_bamba import checkpoint
-
-    copy = DefaultStager._stage
-
-    def copy_then_close(self, *args, **kwargs):  # torch 2.11's _stage
-        staged = copy(self, *args, **kwargs)
-        self._state_dict_stager.close()
-        return staged
-
-    monkeypatch.setattr(DefaultStager, "_stage", copy_then_close)
-    monkeypatch.setattr(checkpoint, "stager_keeps_buffers", functools.cache(checkpoint.stager_keeps_buffers.__wrapped__))
-    assert not checkpoint.stager_keeps_buffers()
+def test_async_saves_reuse_their_host_buffers(tmp_path):
+    """Every async save after the first copies into the host buffers the first one allocated (on
+    the GPU host, allocating and pinning them again at each save was what slowed training), and
+    each checkpoint still holds the state of its own step."""
     parts = build(seed=14)
-    ckpt = manager(tmp_path / "async", parts, interval=1, async_mode="async")
+    ckpt = manager(tmp_path, parts, interval=1, async_mode="async")
+    buffers, states = [], {}
     for step in (1, 2, 3):
         train_step(*parts)
+        states[step] = {f"model.{k}": v.clone() for k, v in parts[0].state_dict().items()}
         ckpt.save(step)
+        ckpt.wait_for_staging()
+        buffers.append({k: b for k, b in ckpt.stager.buffers.items() if k.startswith(("model.", "optimizer."))})
     ckpt.close()
-    assert [c.step for c in list_checkpoints(tmp_path / "async") if c.complete] == [1, 2, 3]
-    assert_same(load_tensors(tmp_path / "async" / "checkpoints" / "step-00000003"),
-                {f"model.{k}": v for k, v in parts[0].state_dict().items()})
-    with pytest.raises(ValueError, match="async_process needs a torch whose DefaultStager keeps"):
-        manager(tmp_path / "process", build(), async_mode="async_process")
+    assert len(buffers[0]) > len(states[1])
+    assert all(later[k] is first for later in buffers[1:] for k, first in buffers[0].items())
+    assert [c.step for c in list_checkpoints(tmp_path) if c.complete] == [1, 2, 3]
+    for step in (1, 3):
+        assert_same(load_tensors(tmp_path / "checkpoints" / f"step-{step:08d}", prefix="model."), states[step])
 
 
 @pytest.fixture
