@@ -6,10 +6,11 @@
 # bamba-9b-mb2-compile (micro-batch 2), bamba-9b-profile (that run with torch.profiler on steps
 # 9-10: summary in OUT_DIR/9b-profile-rank0.txt), bamba-9b-fsdp-options (reshard_after_forward
 # and reduce_dtype, micro-batch 2, compile), bamba-9b-best (the fastest configuration, profiled on
-# steps 13-14), loss-match-1b (50 steps of bamba-1b on a learnable corpus: every throughput option
-# vs the reference mixer, eager, fp32 reduce), fused-op (the mixer's custom op vs mamba-ssm's
+# steps 13-14), loss-match-1b (50 steps of bamba-1b on a learnable corpus: every throughput option,
+# plus the overrides in $FAST_SET, vs the reference mixer, eager, fp32 reduce), fused-op (the mixer's custom op vs mamba-ssm's
 # direct call), loss-check (the fused LM-head cross-entropy vs float64, and its time and memory
-# against autograd), bamba-9b-final (the kept configuration), bamba-9b-nccl-channels (it with
+# against autograd), bamba-9b-final (the kept configuration), bamba-9b-overlap (it with and without
+# optimizer.overlap_step), bamba-9b-nccl-channels (it with
 # NCCL_MAX_NCHANNELS in $NCCL_CHANNELS, default "8 4"), bamba-9b-keep-last (it with
 # reshard_after_forward=keep-last-N, N in $KEEP_LAST, default "8 16"), checkpoint-9b (one async save of
 # Bamba-9B's 117 GB while training for each mode in $CKPT_MODES, default "async,async_process":
@@ -55,7 +56,7 @@ for group in $groups; do
     bamba-9b-profile)  # the kept configuration, with $PROFILE_SET added
       bench 9b-profile 240 $torchrun2 $final9b parallelism.reshard_after_forward=keep-last-16 \
         profiling.enable=true profiling.start_step=9 profiling.steps=2 ${PROFILE_SET:-}
-      cp /tmp/b9p/run/profile/rank0.txt "$out/9b-profile-rank0.txt"
+      cp /tmp/b9f/run/profile/rank0.txt "$out/9b-profile-rank0.txt"
       sed -n '/^per step/,/^$/p' "$out/9b-profile-rank0.txt" ;;
     bamba-9b-fsdp-options)
       m2="--preset bamba-9b $seq --micro-batch-size 2 --steps 12 --log-interval 4 --compile"
@@ -72,7 +73,7 @@ for group in $groups; do
     loss-match-1b)
       lm="--preset bamba-1b $seq --micro-batch-size 2 --steps 50 --log-interval 1 --learnable-data --workdir /tmp/lm"
       bench 1b-loss-fast 200 $torchrun2 benchmarks/train.py $lm --run-name fast --compile \
-        --set parallelism.reshard_after_forward=keep-last-16 parallelism.reduce_dtype=bfloat16
+        --set parallelism.reshard_after_forward=keep-last-16 parallelism.reduce_dtype=bfloat16 ${FAST_SET:-}
       bench 1b-loss-reference 200 $torchrun2 benchmarks/train.py $lm --run-name reference --set model.mixer_impl=reference
       python benchmarks/compare_losses.py /tmp/lm/fast /tmp/lm/reference | tee "$out/loss-match-1b.txt" ;;
     fused-op)
@@ -90,6 +91,9 @@ for group in $groups; do
       for n in ${KEEP_LAST:-8 16}; do
         bench 9b-final-keep-last-$n 240 $torchrun2 $final9b parallelism.reshard_after_forward=keep-last-$n
       done ;;
+    bamba-9b-overlap)  # the kept configuration, with the optimizer's update beside the next forward, then without
+      bench 9b-final-overlap 300 $torchrun2 $final9b parallelism.reshard_after_forward=keep-last-16 optimizer.overlap_step=true
+      bench 9b-final-keep-last-16 240 $torchrun2 $final9b parallelism.reshard_after_forward=keep-last-16 ;;
     checkpoint-1b-async)  # $CKPT_REPEATS async saves of each mode, on one GPU: the host buffers reused
       bench 1b-checkpoint-async 300 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench \
         --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-2} --discard=True ;;

@@ -620,8 +620,8 @@ class CheckpointManager:
             # faster, but the steps overlapping either write were slowed alike (docs/performance.md).
             if self.stager is None:  # pinned with CUDA; in shared memory for the checkpoint process
                 self.stager = HostStager(pin=True, shared=process)
-            if torch.cuda.is_available():  # the staging stream must copy this step's update, not race it
-                torch.cuda.current_stream().synchronize()
+            if torch.cuda.is_available():  # the staging stream must copy this step's update (on any stream)
+                torch.cuda.synchronize()
             spawns = process and _dcp_process._CHECKPOINT_PROCESS is None  # this save starts the daemon
             with _threads_started_here_block_preemption_signals() if spawns else contextlib.nullcontext():
                 response = dcp.async_save(state, checkpoint_id=tmp_dir, process_group=self.cpu_group,

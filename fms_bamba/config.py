@@ -91,6 +91,8 @@ class OptimizerSection:
     """AdamW epsilon."""
     weight_decay: float = 0.1
     """Decoupled weight decay (A_log, D, dt_bias, norms and biases take none)."""
+    overlap_step: bool = False
+    """CUDA: update one FSDP unit at a time on a stream of its own, beside the next step's forward (same math)."""
 
 
 @dataclass

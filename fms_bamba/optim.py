@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from fms_bamba.config import LRSchedulerSection, OptimizerSection
 from fms_bamba.model import optimizer_param_groups
@@ -21,6 +23,79 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerSection) -> torch.opti
     groups = optimizer_param_groups(model, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=True)
+
+
+class UpdateBesideForward:
+    """The optimizer's step, one FSDP unit at a time in forward order (the root's own parameters,
+    then each block's), on a CUDA stream of its own: the next step's forward starts as soon as the
+    root's update is done, and before each block's all-gather FSDP's streams wait for that block's
+    update only, so the rest of the memory-bound AdamW runs beside the forward's matmuls.
+
+    The update is the same as one `optimizer.step()`: the fused kernel treats each tensor on its
+    own, and the clipping divisor and skip flag (`grad_scale`, `found_inf`) are global. Without
+    CUDA the units are stepped in turn on the current stream.
+
+    FSDP's all-gather streams run in order, so once a block's forward has waited, every later
+    gather of it (backward, the evaluation's decoding) follows the update too. Anything gathering a
+    block before its next forward must synchronize first (a checkpoint's copy does)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+        blocks = list(model.layers)
+        in_blocks = {p for block in blocks for p in block.parameters()}
+        units = [{p for p in model.parameters() if p not in in_blocks}] + [set(b.parameters()) for b in blocks]
+        # Per unit, its parameters in each param group (in the group's order; a group may be empty).
+        self.unit_groups = [[[p for p in group["params"] if p in unit] for group in optimizer.param_groups]
+                            for unit in units]
+        self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.block_events: list[torch.cuda.Event | None] = [None] * len(blocks)
+        if self.stream is not None:
+            for index, block in enumerate(blocks):  # before FSDP's own pre-forward, which all-gathers
+                block.register_forward_pre_hook(functools.partial(self._before_block, index), prepend=True)
+
+    def __call__(self) -> None:
+        if self.stream is None:
+            for groups in self.unit_groups:
+                self._step_unit(groups)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())  # gradients, their norm, the skip flag
+        # What the update reads is freed on the training streams once the step returns (zero_grad,
+        # the next step's clipping divisor): its memory must not be reused until the update ran.
+        for p in self.model.parameters():
+            if p.grad is not None:
+                _local(p.grad).record_stream(self.stream)
+        for name in ("grad_scale", "found_inf"):
+            if isinstance(getattr(self.optimizer, name, None), torch.Tensor):
+                getattr(self.optimizer, name).record_stream(self.stream)
+        with torch.cuda.stream(self.stream):
+            for index, groups in enumerate(self.unit_groups):
+                self._step_unit(groups)
+                event = self.stream.record_event()
+                if index == 0:  # the root's all-gather (embedding, final norm, LM head) waits for it
+                    self.model.set_post_optim_event(event)
+                else:
+                    self.block_events[index - 1] = event
+
+    def _step_unit(self, groups: list[list[torch.nn.Parameter]]) -> None:
+        all_groups = self.optimizer.param_groups
+        self.optimizer.param_groups = [{**group, "params": params} for group, params in zip(all_groups, groups)
+                                       if params]
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.param_groups = all_groups
+
+    @torch.compiler.disable
+    def _before_block(self, index: int, block: torch.nn.Module, args: tuple) -> None:
+        event, self.block_events[index] = self.block_events[index], None
+        if event is not None:
+            comm = block._get_fsdp_state()._comm_ctx  # FSDP2's all-gather streams (made at its lazy init)
+            comm.all_gather_copy_in_stream.wait_event(event)
+            comm.all_gather_stream.wait_event(event)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def lr_at(step: int, *, peak_lr: float, total_steps: int, cfg: LRSchedulerSection) -> float:

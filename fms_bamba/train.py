@@ -12,6 +12,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from fms_bamba.evaluate import Validator
 from fms_bamba.generate import copy_tokenizer
 from fms_bamba.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
-from fms_bamba.optim import build_lr_scheduler, build_optimizer, validate_lr_scheduler
+from fms_bamba.optim import UpdateBesideForward, build_lr_scheduler, build_optimizer, validate_lr_scheduler
 from fms_bamba.parallel import (
     DTYPES,
     DistInfo,
@@ -267,9 +268,11 @@ def build_model(model_cfg: BambaConfig, mesh: DeviceMesh, cfg: JobConfig, device
 
 
 def train_step(model: Bamba, optimizer: torch.optim.Optimizer, batches, *, plan: BatchPlan, cfg: JobConfig,
-               device: torch.device, hsdp: bool, poison: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward/backward over the micro-batches, clip, and an AdamW step unless something is not
-    finite. Returns device tensors (mean loss of the job's step, gradient norm, skipped); no host sync."""
+               device: torch.device, hsdp: bool, poison: bool,
+               update: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward/backward over the micro-batches, clip, and an AdamW step (`update`, by default
+    `optimizer.step`) unless something is not finite. Returns device tensors (mean loss of the
+    job's step, gradient norm, skipped); no host sync."""
     loss_sum = torch.zeros((), device=device)
     for micro in range(plan.grad_accum_steps):
         batch = {key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
@@ -290,7 +293,7 @@ def train_step(model: Bamba, optimizer: torch.optim.Optimizer, batches, *, plan:
     grad_norm = global_grad_norm(params)
     skipped = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
     set_clipping_and_skipping(optimizer, grad_norm, cfg.training.max_grad_norm, skipped)
-    optimizer.step()
+    (update or optimizer.step)()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm, skipped
 
@@ -306,6 +309,7 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
     mesh = build_mesh(cfg.parallelism, device)
     model = build_model(model_cfg, mesh, cfg, device)
     optimizer = build_optimizer(model, cfg.optimizer)
+    update = UpdateBesideForward(model, optimizer) if cfg.optimizer.overlap_step else optimizer.step
     lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, peak_lr=cfg.optimizer.lr,
                                       total_steps=cfg.training.steps)
     data_loader = build_dataloader(cfg.data, rank=info.rank, world_size=info.world_size,
@@ -348,7 +352,7 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
             step_lr = lr_scheduler.current_lr()
             profiler.before_step(step)
             step_loss, grad_norm, skipped = train_step(model, optimizer, batches, plan=plan, cfg=cfg, device=device,
-                                                       hsdp=mesh.ndim == 2, poison=step in nan_steps)
+                                                       hsdp=mesh.ndim == 2, poison=step in nan_steps, update=update)
             lr_scheduler.step()
             state.step = step
             state.tokens_seen += plan.tokens_per_step

@@ -126,3 +126,30 @@ def test_clipping_inside_the_fused_step_matches_clip_grad_norm(max_grad_norm):
             optimizer.zero_grad(set_to_none=True)
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_update_unit_by_unit_is_one_step():
+    """optimizer.overlap_step updates the root's parameters, then each block's, as separate
+    calls; with clipping, both param groups and a skipped step in between, three steps of it must
+    leave the same weights and moments, to the bit, as the whole step. (The stream and the
+    all-gather waits are CUDA's; this is the arithmetic they carry.)"""
+    from fms_bamba.optim import UpdateBesideForward
+    from fms_bamba.train import global_grad_norm, set_clipping_and_skipping
+
+    models = [tiny_model(), tiny_model()]
+    optimizers = [build_optimizer(m, OptimizerSection(lr=1e-2)) for m in models]
+    update = UpdateBesideForward(models[1], optimizers[1])
+    assert len(update.unit_groups) == 1 + len(models[1].layers)
+    assert sum(len(params) for groups in update.unit_groups for params in groups) == len(list(models[1].parameters()))
+    for step in range(3):
+        ids = torch.randint(0, 4096, (2, 17), generator=torch.Generator().manual_seed(step))
+        for model, optimizer, step_fn in zip(models, optimizers, (optimizers[0].step, update)):
+            model(ids[:, :-1], labels=ids[:, 1:]).backward()
+            set_clipping_and_skipping(optimizer, global_grad_norm(list(model.parameters())), 0.05,
+                                      torch.tensor(step == 1))
+            step_fn()
+            optimizer.zero_grad(set_to_none=True)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name
+        assert all(torch.equal(optimizers[0].state[a][k], optimizers[1].state[b][k]) for k in optimizers[0].state[a]), name
+    assert [len(g["params"]) for g in optimizers[1].param_groups] == [len(g["params"]) for g in optimizers[0].param_groups]
