@@ -27,7 +27,8 @@ seq="--seq-len 4096"
 # The kept Bamba-9B configuration (docs/performance.md); groups below vary it. `--set` is last, so
 # a group can add overrides after it.
 final9b="benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 12 --log-interval 4 --compile
-  --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16"
+  --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16 parallelism.reshard_after_forward=keep-last-16
+  optimizer.overlap_step=true"
 
 bench() {  # name, seconds allowed, command...
   local name=$1 limit=$2; shift 2
@@ -54,8 +55,7 @@ for group in $groups; do
     bamba-9b-mb2-compile)
       bench 9b-fsdp2-mb2-compile 200 $torchrun2 benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps 12 --workdir /tmp/b9m2 --compile ;;
     bamba-9b-profile)  # the kept configuration, with $PROFILE_SET added
-      bench 9b-profile 240 $torchrun2 $final9b parallelism.reshard_after_forward=keep-last-16 \
-        profiling.enable=true profiling.start_step=9 profiling.steps=2 ${PROFILE_SET:-}
+      bench 9b-profile 240 $torchrun2 $final9b profiling.enable=true profiling.start_step=9 profiling.steps=2 ${PROFILE_SET:-}
       cp /tmp/b9f/run/profile/rank0.txt "$out/9b-profile-rank0.txt"
       sed -n '/^per step/,/^$/p' "$out/9b-profile-rank0.txt" ;;
     bamba-9b-fsdp-options)
@@ -91,9 +91,9 @@ for group in $groups; do
       for n in ${KEEP_LAST:-8 16}; do
         bench 9b-final-keep-last-$n 240 $torchrun2 $final9b parallelism.reshard_after_forward=keep-last-$n
       done ;;
-    bamba-9b-overlap)  # the kept configuration, with the optimizer's update beside the next forward, then without
-      bench 9b-final-overlap 300 $torchrun2 $final9b parallelism.reshard_after_forward=keep-last-16 optimizer.overlap_step=true
-      bench 9b-final-keep-last-16 240 $torchrun2 $final9b parallelism.reshard_after_forward=keep-last-16 ;;
+    bamba-9b-overlap)  # the kept configuration (the optimizer's update beside the next forward), then without it
+      bench 9b-final-overlap 300 $torchrun2 $final9b
+      bench 9b-final-keep-last-16 240 $torchrun2 $final9b optimizer.overlap_step=false ;;
     checkpoint-1b-async)  # $CKPT_REPEATS async saves of each mode, on one GPU: the host buffers reused
       bench 1b-checkpoint-async 300 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench \
         --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-2} --discard=True ;;
