@@ -616,10 +616,10 @@ class CheckpointManager:
             # "async" writes on a thread of this process; "async_process" hands the staged state
             # to DCP's checkpoint process (spawned at the first save, kept for the next; a gloo
             # group of its own), which writes it with its own interpreter; the buffers are in
-            # shared memory, so nothing is copied on the way. On Bamba-9B the process wrote 28%
-            # faster, but the steps overlapping either write were slowed alike (docs/performance.md).
-            if self.stager is None:  # pinned with CUDA; in shared memory for the checkpoint process
-                self.stager = HostStager(pin=True, shared=process)
+            # shared memory, so nothing is copied on the way. With the buffers kept from the first
+            # save on, a later save cost Bamba-9B 3.6 s of training that way (docs/performance.md).
+            if self.stager is None:
+                self.stager = HostStager(shared=process)
             if torch.cuda.is_available():  # the staging stream must copy this step's update (on any stream)
                 torch.cuda.synchronize()
             spawns = process and _dcp_process._CHECKPOINT_PROCESS is None  # this save starts the daemon

@@ -51,8 +51,9 @@ class HostStager(AsyncStager):
 
     _synchronize_after_execute = False  # the trainer waits on the Future before the next update
 
-    def __init__(self, *, pin: bool, shared: bool):
-        self.pin, self.shared = pin and torch.cuda.is_available(), shared
+    def __init__(self, *, shared: bool):
+        """shared: buffers in shared memory, for DCP's checkpoint process. With CUDA they are pinned."""
+        self.pin, self.shared = torch.cuda.is_available(), shared
         self.buffers: dict[str, torch.Tensor] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-staging")
         # Made here, on the thread that trains, so it is a stream of the training device.
