@@ -20,10 +20,12 @@ from fms_bamba.checkpoint import (
     check_init_from,
     checkpoint_dir_name,
     latest_complete_checkpoint,
+    load_tensors,
     read_dcp_metadata,
     write_checkpoint,
 )
 from fms_bamba.config import ConfigError, load_job_config
+from fms_bamba.model import BambaConfig
 from fms_bamba.preemption import EXIT_PREEMPTED, PreemptionHandler
 from fms_bamba.train import TrainingDiverged, plan_batch, train
 
@@ -282,3 +284,30 @@ def test_a_run_with_its_own_checkpoint_no_longer_needs_init_from(tmp_path):
         check_init_from(cfg, run_dir)
     write_checkpoint(run_dir / CHECKPOINTS_FOLDER / checkpoint_dir_name(7), {"model.w": torch.zeros(2)}, {"step": 7})
     check_init_from(cfg, run_dir)
+
+
+def test_overlap_step_trains_the_same_run(corpus, tmp_path, monkeypatch):
+    """The trainer's path through optimizer.overlap_step (the update unit by unit; on CPU without
+    the stream) logs the same losses and gradient norms as the plain step, a skipped step
+    included, and leaves the same checkpoint."""
+    from fms_bamba.optim import UpdateBesideForward
+
+    unit_steps = []
+    step_unit = UpdateBesideForward._step_unit
+    monkeypatch.setattr(UpdateBesideForward, "_step_unit", lambda self, groups: (unit_steps.append(1),
+                                                                                 step_unit(self, groups)))
+    runs = {}
+    for overlap in (False, True):
+        run_dir = tmp_path / f"overlap-{overlap}"
+        train(load_job_config(None, tiny_overrides(run_dir, corpus, **{
+            "training.steps": 6, "metrics.log_interval": 1, "checkpoint.interval": 6,
+            "training.debug_nan_at_steps": [3], "optimizer.overlap_step": overlap})))
+        runs[overlap] = run_dir
+    preset = load_job_config(None, tiny_overrides(tmp_path, corpus)).model.preset
+    assert len(unit_steps) == 6 * (1 + BambaConfig.from_preset(preset).n_layers)  # the root, then each block
+    plain, overlapped = (read_metrics(runs[o]) for o in (False, True))
+    assert [(r["loss"], r["grad_norm"]) for r in overlapped] == [(r["loss"], r["grad_norm"]) for r in plain]
+    assert plain[2]["loss"] is None and plain[-1]["skipped_steps"] == 1
+    final = [load_tensors(runs[o] / "checkpoints" / "step-00000006", prefix="") for o in (False, True)]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0] if not k.startswith("rng."))
