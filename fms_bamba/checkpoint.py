@@ -54,9 +54,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
 
-from fms_bamba.staging import HostStager
+from fms_bamba.staging import HostStager, local_shard
 
 logger = logging.getLogger(__name__)
 
@@ -486,15 +485,10 @@ def _prepare_shared_staging(state: dict[str, Any]) -> None:
     thousands of tensors (Bamba-9B's model and AdamW state: about 1,600 per rank) the usual soft
     limit of 1024 open files is too low; it is raised to the hard limit, which the daemon inherits.
     """
-    storages: dict[tuple[str, int], int] = {}
-    for value in state.values():
-        if isinstance(value, torch.Tensor):
-            local = value.to_local() if isinstance(value, DTensor) else value
-            storage = local.untyped_storage()
-            storages[(str(local.device), storage.data_ptr())] = storage.nbytes()
-
+    # HostStager's buffers: one per tensor of the state, each its own shared-memory file.
+    sizes = [local_shard(value).nbytes for value in state.values() if isinstance(value, torch.Tensor)]
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    needed = sum(storages.values()) * local_ranks
+    needed = sum(sizes) * local_ranks
     if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free < needed:
         raise RuntimeError(
             f"checkpoint.async_mode=async_process stages the checkpoint in shared memory: "
@@ -503,18 +497,18 @@ def _prepare_shared_staging(state: dict[str, Any]) -> None:
             "async_mode=async stages into ordinary host memory")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = len(os.listdir("/proc/self/fd")) + 2 * len(storages) + 256 if os.path.isdir("/proc/self/fd") else 0
+    wanted = len(os.listdir("/proc/self/fd")) + 2 * len(sizes) + 256 if os.path.isdir("/proc/self/fd") else 0
     if soft == resource.RLIM_INFINITY or soft >= wanted:
         return
     if hard != resource.RLIM_INFINITY and hard < wanted:
         raise RuntimeError(
             f"checkpoint.async_mode=async_process keeps a file descriptor open per staged tensor "
-            f"({len(storages)}), in this process and the checkpoint process: about {wanted} open files are "
+            f"({len(sizes)}), in this process and the checkpoint process: about {wanted} open files are "
             f"needed, the hard limit (ulimit -Hn) is {hard}; raise it, or use async_mode=async")
     new_soft = hard if hard != resource.RLIM_INFINITY else wanted
     resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
     logger.info("checkpoint: open-file limit raised from %d to %d for %d tensors in shared memory",
-                soft, new_soft, len(storages))
+                soft, new_soft, len(sizes))
 
 
 # --------------------------------------------------------------------------------------------

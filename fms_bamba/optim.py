@@ -6,10 +6,10 @@ import functools
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from fms_bamba.config import LRSchedulerSection, OptimizerSection
 from fms_bamba.model import optimizer_param_groups
+from fms_bamba.staging import local_shard
 
 WARMUP_SHAPES = ("linear", "quadratic")
 DECAYS = ("cosine", "linear", "constant", "wsd")
@@ -47,6 +47,7 @@ class UpdateBesideForward:
         # Per unit, its parameters in each param group (in the group's order; a group may be empty).
         self.unit_groups = [[[p for p in group["params"] if p in unit] for group in optimizer.param_groups]
                             for unit in units]
+        self.params = [p for groups in self.unit_groups for params in groups for p in params]
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self.block_events: list[torch.cuda.Event | None] = [None] * len(blocks)
         if self.stream is not None:
@@ -61,9 +62,9 @@ class UpdateBesideForward:
         self.stream.wait_stream(torch.cuda.current_stream())  # gradients, their norm, the skip flag
         # What the update reads is freed on the training streams once the step returns (zero_grad,
         # the next step's clipping divisor): its memory must not be reused until the update ran.
-        for p in self.model.parameters():
+        for p in self.params:
             if p.grad is not None:
-                _local(p.grad).record_stream(self.stream)
+                local_shard(p.grad).record_stream(self.stream)
         for name in ("grad_scale", "found_inf"):
             if isinstance(getattr(self.optimizer, name, None), torch.Tensor):
                 getattr(self.optimizer, name).record_stream(self.stream)
@@ -92,10 +93,6 @@ class UpdateBesideForward:
             comm = block._get_fsdp_state()._comm_ctx  # FSDP2's all-gather streams (made at its lazy init)
             comm.all_gather_copy_in_stream.wait_event(event)
             comm.all_gather_stream.wait_event(event)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def lr_at(step: int, *, peak_lr: float, total_steps: int, cfg: LRSchedulerSection) -> float:

@@ -19,6 +19,11 @@ import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 PIN_MIN_BYTES = 1 << 20
 """Smaller tensors stay pageable: pinning buys them nothing, and two of them may share a page,
 which CUDA refuses to register twice."""
@@ -81,7 +86,7 @@ class HostStager(AsyncStager):
                 if not isinstance(value, torch.Tensor):
                     staged[key] = copy.deepcopy(value)
                     continue
-                local = value._local_tensor if isinstance(value, DTensor) else value
+                local = local_shard(value)
                 buffer = self.buffers.get(key)
                 if buffer is None or buffer.shape != local.shape or buffer.dtype != local.dtype:
                     buffer = self.buffers[key] = _host_buffer(local, pin=self.pin, shared=self.shared)

@@ -269,10 +269,10 @@ def build_model(model_cfg: BambaConfig, mesh: DeviceMesh, cfg: JobConfig, device
 
 def train_step(model: Bamba, optimizer: torch.optim.Optimizer, batches, *, plan: BatchPlan, cfg: JobConfig,
                device: torch.device, hsdp: bool, poison: bool,
-               update: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward/backward over the micro-batches, clip, and an AdamW step (`update`, by default
-    `optimizer.step`) unless something is not finite. Returns device tensors (mean loss of the
-    job's step, gradient norm, skipped); no host sync."""
+               update: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward/backward over the micro-batches, clip, and an AdamW step (`update`: `optimizer.step`
+    or an `UpdateBesideForward`) unless something is not finite. Returns device tensors (mean loss
+    of the job's step, gradient norm, skipped); no host sync."""
     loss_sum = torch.zeros((), device=device)
     for micro in range(plan.grad_accum_steps):
         batch = {key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
@@ -293,7 +293,7 @@ def train_step(model: Bamba, optimizer: torch.optim.Optimizer, batches, *, plan:
     grad_norm = global_grad_norm(params)
     skipped = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
     set_clipping_and_skipping(optimizer, grad_norm, cfg.training.max_grad_norm, skipped)
-    (update or optimizer.step)()
+    update()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm, skipped
 
