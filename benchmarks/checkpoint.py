@@ -77,8 +77,8 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
     if rank0 and out_dir.exists():
         shutil.rmtree(out_dir)
 
-    model = build_model(model_cfg, build_mesh(cfg.parallelism, device), cfg, device)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    model, weights = build_model(model_cfg, build_mesh(cfg.parallelism, device), cfg, device)
+    optimizer = build_optimizer(model, cfg.optimizer, weights=weights)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, peak_lr=cfg.optimizer.lr,
                                       total_steps=cfg.training.steps)
     data = RandomTokens(model_cfg.vocab_size, cfg.training.micro_batch_size, cfg.training.seq_len, device)
@@ -99,7 +99,7 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
 
     def manager(async_mode: str, run_dir: Path) -> CheckpointManager:
         return CheckpointManager(CheckpointConfig(interval=1, keep_last=1, async_mode=async_mode), run_dir,
-                                 model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                 model=weights, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                  data_loader=data, trainer_state=state)
 
     def timed(fn) -> float:

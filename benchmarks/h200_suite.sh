@@ -10,7 +10,7 @@
 # plus the overrides in $FAST_SET, vs the reference mixer, eager, fp32 reduce), fused-op (the mixer's custom op vs mamba-ssm's
 # direct call), loss-check (the fused LM-head cross-entropy vs float64, and its time and memory
 # against autograd), bamba-9b-final (the kept configuration), bamba-9b-overlap (it with and without
-# optimizer.overlap_step), bamba-9b-nccl-channels (it with
+# optimizer.overlap_step), bamba-9b-master (it with and without optimizer.master_weights), bamba-9b-nccl-channels (it with
 # NCCL_MAX_NCHANNELS in $NCCL_CHANNELS, default "8 4"), bamba-9b-keep-last (it with
 # reshard_after_forward=keep-last-N, N in $KEEP_LAST, default "8 16"), checkpoint-9b (one async save of
 # Bamba-9B's 117 GB while training for each mode in $CKPT_MODES, default "async,async_process":
@@ -94,6 +94,9 @@ for group in $groups; do
     bamba-9b-overlap)  # the kept configuration (the optimizer's update beside the next forward), then without it
       bench 9b-final-overlap 300 $torchrun2 $final9b
       bench 9b-final-keep-last-16 240 $torchrun2 $final9b optimizer.overlap_step=false ;;
+    bamba-9b-master)  # the kept configuration with fp32 masters in the optimizer and a bf16 model, then without
+      bench 9b-final-master 400 $torchrun2 $final9b optimizer.master_weights=true
+      bench 9b-final-plain 240 $torchrun2 $final9b ;;
     checkpoint-1b-async)  # $CKPT_REPEATS async saves of each mode, on one GPU: the host buffers reused
       bench 1b-checkpoint-async 300 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench \
         --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-2} --discard=True ;;

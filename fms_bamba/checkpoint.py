@@ -546,7 +546,10 @@ def check_init_from(cfg: CheckpointConfig, run_dir: str | os.PathLike) -> None:
 
 
 class CheckpointManager:
-    """Saves, commits, prunes and loads the run's checkpoints. All ranks call every method."""
+    """Saves, commits, prunes and loads the run's checkpoints. All ranks call every method.
+
+    `model` is the module whose parameters are the weights of record: the model, or the fp32
+    masters (`fms_bamba.optim.master_weights`) that the optimizer's param groups hold."""
 
     def __init__(
         self,

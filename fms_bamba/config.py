@@ -79,7 +79,7 @@ class TrainingSection:
 
 @dataclass
 class OptimizerSection:
-    """AdamW (always the fused kernel: it skips a non-finite step without a host sync)."""
+    """AdamW (a fused kernel either way: it skips a non-finite step without a host sync)."""
 
     lr: float = 3e-3
     """Peak learning rate."""
@@ -93,6 +93,8 @@ class OptimizerSection:
     """Decoupled weight decay (A_log, D, dt_bias, norms and biases take none)."""
     overlap_step: bool = False
     """CUDA: update one FSDP unit at a time on a stream of its own, beside the next step's forward (same math)."""
+    master_weights: bool = False
+    """Keep the model's parameters in training.dtype and fp32 masters in the optimizer (gathers and gradients need no casts)."""
 
 
 @dataclass

@@ -6,23 +6,128 @@ import functools
 import math
 
 import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from fms_bamba.config import LRSchedulerSection, OptimizerSection
-from fms_bamba.model import optimizer_param_groups
+from fms_bamba.model import Bamba, optimizer_param_groups
 from fms_bamba.staging import local_shard
 
 WARMUP_SHAPES = ("linear", "quadratic")
 DECAYS = ("cosine", "linear", "constant", "wsd")
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerSection) -> torch.optim.AdamW:
-    """Fused AdamW (CPU and CUDA) with weight decay only where `optimizer_param_groups` puts it.
+def build_optimizer(model: nn.Module, cfg: OptimizerSection, *, weights: nn.Module | None = None) -> torch.optim.AdamW:
+    """Fused AdamW (CPU and CUDA) with weight decay only where `optimizer_param_groups` puts it:
+    torch's over the model's parameters, or, with optimizer.master_weights, `MasterWeightAdamW`
+    over `weights` (from `master_weights`).
 
     Fused, because its step honours `optimizer.found_inf`: the trainer skips a non-finite step
     on the device, without waiting for it."""
+    if cfg.master_weights:
+        return MasterWeightAdamW(model, weights, cfg)
     groups = optimizer_param_groups(model, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=True)
+
+
+def master_weights(model: Bamba) -> Bamba:
+    """An fp32 Bamba, never run, whose (uninitialised) parameters are sharded as `model`'s are:
+    the weights AdamW updates and the checkpoint saves when the model's own are bf16. Being a
+    Bamba, it has the model's parameter names and its `init_weights`."""
+    with torch.device("meta"):
+        weights = Bamba(model.config)
+    for name, param in model.named_parameters():
+        module_name, _, leaf = name.replace(_CHECKPOINT_PREFIX, "").rpartition(".")
+        setattr(weights.get_submodule(module_name), leaf,
+                nn.Parameter(torch.empty_like(param, dtype=torch.float32), requires_grad=param.requires_grad))
+    return weights
+
+
+def paired_parameters(model: nn.Module, weights: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(master, parameter) for each of the model's parameters, paired by name."""
+    return [(weights.get_parameter(name.replace(_CHECKPOINT_PREFIX, "")), param)
+            for name, param in model.named_parameters()]
+
+
+@torch.no_grad()
+def copy_to_model(weights: nn.Module, model: nn.Module) -> None:
+    """Set the model's parameters to its masters, rounded to the parameters' dtype."""
+    for master, param in paired_parameters(model, weights):
+        param.copy_(master)
+
+
+def adamw_with_masters(masters: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                       exp_avg_sqs: list[torch.Tensor], params: list[torch.Tensor], steps: list[torch.Tensor],
+                       lr: torch.Tensor, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, *,
+                       beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW step, in place, in fused AdamW's order of operations: the fp32 master, both
+    moments and the step count are updated from a (bf16) gradient divided by `grad_scale`, and
+    the (bf16) parameter set to the new master; nothing changes where `found_inf` is 1.
+    Compiled, each tensor's update is one pass over memory."""
+    for master, grad, exp_avg, exp_avg_sq, param, step in zip(masters, grads, exp_avgs, exp_avg_sqs, params, steps):
+        g = grad.float() if grad_scale is None else grad.float() / grad_scale
+        new_step = step + 1
+        new_exp_avg = exp_avg * beta1 + g * (1 - beta1)
+        new_exp_avg_sq = exp_avg_sq * beta2 + g * g * (1 - beta2)
+        denom = new_exp_avg_sq.sqrt() / (1 - beta2 ** new_step).sqrt() + eps
+        new_master = master - lr * weight_decay * master - lr / (1 - beta1 ** new_step) * new_exp_avg / denom
+        if found_inf is not None:
+            skip = found_inf > 0
+            new_step = torch.where(skip, step, new_step)
+            new_exp_avg = torch.where(skip, exp_avg, new_exp_avg)
+            new_exp_avg_sq = torch.where(skip, exp_avg_sq, new_exp_avg_sq)
+            new_master = torch.where(skip, master, new_master)
+        step.copy_(new_step)
+        exp_avg.copy_(new_exp_avg)
+        exp_avg_sq.copy_(new_exp_avg_sq)
+        master.copy_(new_master)
+        param.copy_(new_master)
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW over fp32 masters (`master_weights`) of a model whose parameters are bf16, the way
+    Megatron keeps main parameters: FSDP then gathers the bf16 shards as they are and reduces
+    gradients into bf16 shards, with none of the casts it makes around an fp32 shard. The update
+    reads each bf16 gradient once and writes the master, both moments and the bf16 parameter in
+    the same pass (`adamw_with_masters`, compiled on CUDA), which torch's fused AdamW cannot: it
+    wants parameters and gradients of one dtype.
+
+    Its param groups hold the masters, and its state has torch's AdamW keys, so a checkpoint of
+    `weights` and this optimizer has the same layout as one of an fp32 model and torch's AdamW.
+    Honours `grad_scale` and `found_inf` as the fused kernel does."""
+
+    def __init__(self, model: nn.Module, weights: nn.Module, cfg: OptimizerSection):
+        super().__init__(optimizer_param_groups(weights, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                         eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
+        self.param_of = {master: param for master, param in paired_parameters(model, weights)}
+        for master in self.param_of:  # present from the start: a checkpoint loads into it
+            self.state[master] = {"step": torch.zeros((), dtype=torch.float32, device=master.device),
+                                  "exp_avg": torch.zeros_like(master), "exp_avg_sq": torch.zeros_like(master)}
+        cuda = next(iter(self.param_of)).device.type == "cuda"
+        self.update = torch.compile(adamw_with_masters, fullgraph=True) if cuda else adamw_with_masters
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.param_of.values():
+            param.grad = None
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        if closure is not None:
+            raise ValueError("MasterWeightAdamW.step takes no closure")
+        for group in self.param_groups:
+            masters = [m for m in group["params"] if self.param_of[m].grad is not None]
+            if not masters:
+                continue
+            params = [self.param_of[m] for m in masters]
+            states = [self.state[m] for m in masters]
+            beta1, beta2 = group["betas"]
+            self.update([local_shard(m) for m in masters], [local_shard(p.grad) for p in params],
+                        [local_shard(s["exp_avg"]) for s in states], [local_shard(s["exp_avg_sq"]) for s in states],
+                        [local_shard(p) for p in params], [s["step"] for s in states],
+                        torch.full((), group["lr"], device=local_shard(masters[0]).device),  # a tensor: no recompile as it moves
+                        getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
+                        beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
 
 class UpdateBesideForward:
@@ -44,10 +149,11 @@ class UpdateBesideForward:
         blocks = list(model.layers)
         in_blocks = {p for block in blocks for p in block.parameters()}
         units = [{p for p in model.parameters() if p not in in_blocks}] + [set(b.parameters()) for b in blocks]
-        # Per unit, its parameters in each param group (in the group's order; a group may be empty).
-        self.unit_groups = [[[p for p in group["params"] if p in unit] for group in optimizer.param_groups]
-                            for unit in units]
-        self.params = [p for groups in self.unit_groups for params in groups for p in params]
+        param_of = getattr(optimizer, "param_of", {})  # a MasterWeightAdamW's groups hold masters
+        # Per unit, what the optimizer updates in each param group (in the group's order; a group may be empty).
+        self.unit_groups = [[[p for p in group["params"] if param_of.get(p, p) in unit]
+                             for group in optimizer.param_groups] for unit in units]
+        self.params = [param_of.get(p, p) for groups in self.unit_groups for params in groups for p in params]
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self.block_events: list[torch.cuda.Event | None] = [None] * len(blocks)
         if self.stream is not None:

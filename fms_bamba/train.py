@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
@@ -28,7 +29,14 @@ from fms_bamba.evaluate import Validator
 from fms_bamba.generate import copy_tokenizer
 from fms_bamba.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
-from fms_bamba.optim import UpdateBesideForward, build_lr_scheduler, build_optimizer, validate_lr_scheduler
+from fms_bamba.optim import (
+    UpdateBesideForward,
+    build_lr_scheduler,
+    build_optimizer,
+    copy_to_model,
+    master_weights,
+    validate_lr_scheduler,
+)
 from fms_bamba.parallel import (
     DTYPES,
     DistInfo,
@@ -185,6 +193,9 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
     model_cfg = build_model_config(cfg)
     if cfg.training.dtype not in DTYPES:
         raise ConfigError(f"training.dtype must be one of {tuple(DTYPES)}, got {cfg.training.dtype!r}")
+    if cfg.optimizer.master_weights and cfg.training.dtype == "float32":
+        raise ConfigError("optimizer.master_weights keeps fp32 masters of a bf16 model: it needs training.dtype "
+                          "bfloat16, got float32")
     if cfg.training.max_consecutive_skips < 1:
         raise ConfigError(f"training.max_consecutive_skips must be >= 1, got {cfg.training.max_consecutive_skips}")
     if cfg.training.max_grad_norm < 0:
@@ -216,8 +227,10 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
 
 
 def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """L2 norm of all gradients of the job (FSDP2 shards are DTensors: reduce them too)."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    """L2 norm of all gradients of the job, summed in fp32 whatever their dtype (FSDP2 shards are
+    DTensors: reduce them too)."""
+    norms = torch._foreach_norm([p.grad for p in params if p.grad is not None], 2, dtype=torch.float32)
+    norm = torch.linalg.vector_norm(torch.stack(norms))
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
@@ -253,18 +266,30 @@ def train(cfg: JobConfig) -> None:
         dist.destroy_process_group()
 
 
-def build_model(model_cfg: BambaConfig, mesh: DeviceMesh, cfg: JobConfig, device: torch.device) -> Bamba:
-    """Build on the meta device, apply parallelism, then materialise and initialise each shard."""
+def build_model(model_cfg: BambaConfig, mesh: DeviceMesh, cfg: JobConfig, device: torch.device) -> tuple[Bamba, Bamba]:
+    """Build on the meta device, apply parallelism, then materialise and initialise each shard.
+
+    Returns the model and its weights of record (what the optimizer updates and the checkpoint
+    saves): the model itself, or with optimizer.master_weights its fp32 masters, initialised
+    as the fp32 model would be, with the model's bf16 parameters rounded from them."""
     torch.manual_seed(cfg.job.seed)
     with torch.device("meta"):
         model = Bamba(model_cfg)
-    param_dtype = DTYPES[cfg.training.dtype] if device.type == "cuda" else torch.float32
-    apply_parallelism(model, mesh, cfg.parallelism, param_dtype=param_dtype)
+    masters = cfg.optimizer.master_weights
+    compute_dtype = DTYPES[cfg.training.dtype] if device.type == "cuda" or masters else torch.float32
+    if masters:  # before sharding, so FSDP's shards, gathers and gradients are all of this dtype
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                setattr(module, name, nn.Parameter(param.to(compute_dtype), requires_grad=param.requires_grad))
+    apply_parallelism(model, mesh, cfg.parallelism, param_dtype=compute_dtype)
     model.to_empty(device=device)
+    weights = master_weights(model) if masters else model
     with torch.no_grad():
-        model.init_weights()
+        weights.init_weights()
+    if masters:
+        copy_to_model(weights, model)
     model.train()
-    return model
+    return model, weights
 
 
 def train_step(model: Bamba, optimizer: torch.optim.Optimizer, batches, *, plan: BatchPlan, cfg: JobConfig,
@@ -307,8 +332,8 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
             copy_tokenizer(cfg.model.tokenizer, run_dir / "tokenizer")
 
     mesh = build_mesh(cfg.parallelism, device)
-    model = build_model(model_cfg, mesh, cfg, device)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    model, weights = build_model(model_cfg, mesh, cfg, device)
+    optimizer = build_optimizer(model, cfg.optimizer, weights=weights)
     update = UpdateBesideForward(model, optimizer) if cfg.optimizer.overlap_step else optimizer.step
     lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, peak_lr=cfg.optimizer.lr,
                                       total_steps=cfg.training.steps)
@@ -317,14 +342,15 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
                                    vocab_size=model_cfg.vocab_size)
     state = TrainerState()
     validator = Validator(cfg, model, rank=info.rank, world_size=info.world_size, device=device)
-    ckpt = CheckpointManager(cfg.checkpoint, run_dir, model=model, optimizer=optimizer,
+    ckpt = CheckpointManager(cfg.checkpoint, run_dir, model=weights, optimizer=optimizer,
                              lr_scheduler=lr_scheduler, data_loader=data_loader, trainer_state=state,
                              job_config=config_to_dict(cfg))
     # Signal handlers, the metrics file and the W&B run are released however the loop ends.
     with contextlib.ExitStack() as cleanup:
         preemption = PreemptionHandler()
         cleanup.callback(preemption.close)
-        ckpt.load()
+        if ckpt.load() and weights is not model:
+            copy_to_model(weights, model)
         if not state.wandb_run_id:
             state.wandb_run_id = shared_run_id(info)
         logger = MetricsLogger(cfg.metrics, run_dir, rank=info.rank, total_steps=cfg.training.steps,

@@ -1,4 +1,5 @@
-"""LR schedules against their formulas; the scheduler drives the optimizer's lr; AdamW skips on found_inf."""
+"""LR schedules against their formulas; the scheduler drives the optimizer's lr; AdamW skips on found_inf;
+the fp32-master AdamW against torch's fused one."""
 
 import math
 
@@ -7,7 +8,16 @@ import torch
 
 from fms_bamba.config import LRSchedulerSection, OptimizerSection
 from fms_bamba.model import Bamba, BambaConfig
-from fms_bamba.optim import build_lr_scheduler, build_optimizer, lr_at
+from fms_bamba.optim import (
+    MasterWeightAdamW,
+    adamw_with_masters,
+    build_lr_scheduler,
+    build_optimizer,
+    copy_to_model,
+    lr_at,
+    master_weights,
+    paired_parameters,
+)
 
 PEAK, FLOOR, TOTAL, WARMUP = 3e-4, 1e-5, 1000, 100
 
@@ -128,28 +138,102 @@ def test_clipping_inside_the_fused_step_matches_clip_grad_norm(max_grad_norm):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_update_unit_by_unit_is_one_step():
+@pytest.mark.parametrize("masters", [False, True])
+def test_update_unit_by_unit_is_one_step(masters):
     """optimizer.overlap_step updates the root's parameters, then each block's, as separate
     calls; with clipping, both param groups and a skipped step in between, three steps of it must
-    leave the same weights and moments, to the bit, as the whole step. (The stream and the
-    all-gather waits are CUDA's; this is the arithmetic they carry.)"""
+    leave the same weights and moments, to the bit, as the whole step, with or without fp32
+    masters. (The stream and the all-gather waits are CUDA's; this is the arithmetic they carry.)"""
     from fms_bamba.optim import UpdateBesideForward
     from fms_bamba.train import global_grad_norm, set_clipping_and_skipping
 
-    models = [tiny_model(), tiny_model()]
-    optimizers = [build_optimizer(m, OptimizerSection(lr=1e-2)) for m in models]
-    update = UpdateBesideForward(models[1], optimizers[1])
-    assert len(update.unit_groups) == 1 + len(models[1].layers)
-    assert sum(len(params) for groups in update.unit_groups for params in groups) == len(list(models[1].parameters()))
+    pairs = [tiny_master_model() if masters else (tiny_model(),) * 2 for _ in range(2)]
+    optimizers = [build_optimizer(model, OptimizerSection(lr=1e-2, master_weights=masters), weights=weights)
+                  for model, weights in pairs]
+    update = UpdateBesideForward(pairs[1][0], optimizers[1])
+    assert len(update.unit_groups) == 1 + len(pairs[1][0].layers)
+    assert sum(len(params) for groups in update.unit_groups for params in groups) == len(list(pairs[1][0].parameters()))
     for step in range(3):
         ids = torch.randint(0, 4096, (2, 17), generator=torch.Generator().manual_seed(step))
-        for model, optimizer, step_fn in zip(models, optimizers, (optimizers[0].step, update)):
+        for (model, _), optimizer, step_fn in zip(pairs, optimizers, (optimizers[0].step, update)):
             model(ids[:, :-1], labels=ids[:, 1:]).backward()
             set_clipping_and_skipping(optimizer, global_grad_norm(list(model.parameters())), 0.05,
                                       torch.tensor(step == 1))
             step_fn()
             optimizer.zero_grad(set_to_none=True)
-    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+    for (name, a), b in zip(pairs[0][1].named_parameters(), pairs[1][1].parameters()):
         assert torch.equal(a, b), name
         assert all(torch.equal(optimizers[0].state[a][k], optimizers[1].state[b][k]) for k in optimizers[0].state[a]), name
     assert [len(g["params"]) for g in optimizers[1].param_groups] == [len(g["params"]) for g in optimizers[0].param_groups]
+
+
+def tiny_master_model() -> tuple[Bamba, Bamba]:
+    """tiny_model() in bf16, and its fp32 masters holding tiny_model()'s fp32 weights."""
+    model = tiny_model()
+    weights = master_weights(model)
+    with torch.no_grad():
+        for master, param in paired_parameters(model, weights):
+            master.copy_(param)
+    model.to(torch.bfloat16)
+    copy_to_model(weights, model)
+    return model, weights
+
+
+def test_master_weight_adamw_is_fused_adamw_on_the_masters():
+    """Three steps (clipped, skipped, plain) from the same bf16 gradients: the masters and moments
+    follow torch's fused AdamW on fp32 weights, the bf16 parameters are the masters rounded, and
+    zero_grad clears the model's gradients."""
+    from fms_bamba.train import global_grad_norm, set_clipping_and_skipping
+
+    reference = tiny_model()
+    model, weights = tiny_master_model()
+    optimizers = [build_optimizer(reference, OptimizerSection(lr=1e-2)),
+                  build_optimizer(model, OptimizerSection(lr=1e-2, master_weights=True), weights=weights)]
+    assert isinstance(optimizers[1], MasterWeightAdamW) and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for step in range(3):
+        generator = torch.Generator().manual_seed(step)
+        for ref, param in zip(reference.parameters(), model.parameters()):
+            param.grad = torch.randn(param.shape, generator=generator).bfloat16()
+            ref.grad = param.grad.float()
+        norms = [global_grad_norm(list(m.parameters())) for m in (reference, model)]
+        torch.testing.assert_close(norms[1], norms[0], rtol=1e-6, atol=0)
+        for optimizer, norm in zip(optimizers, norms):
+            set_clipping_and_skipping(optimizer, norm, 5.0 if step == 0 else 0.0, torch.tensor(step == 1))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model.parameters())
+    for (name, ref), (master, param) in zip(reference.named_parameters(), paired_parameters(model, weights)):
+        torch.testing.assert_close(master, ref, msg=name)
+        assert torch.equal(param, master.bfloat16()), name
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(optimizers[1].state[master][key], optimizers[0].state[ref][key], msg=name)
+    assert optimizers[1].state[master]["step"].item() == 2  # the skipped step did not count
+
+
+def test_compiled_master_update_matches_eager():
+    """The update as the trainer runs it on CUDA (compiled into one pass per tensor) equals the
+    eager function it is compiled from; a skipped step leaves every tensor as it was."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(64, 48), (48,), (3, 5, 7)]
+
+    def tensors() -> list[list[torch.Tensor]]:
+        masters = [torch.randn(s, generator=generator) for s in shapes]
+        grads = [torch.randn(s, generator=generator).bfloat16() for s in shapes]
+        exp_avgs = [torch.randn(s, generator=generator) for s in shapes]
+        exp_avg_sqs = [torch.rand(s, generator=generator) for s in shapes]
+        return [masters, grads, exp_avgs, exp_avg_sqs, [m.bfloat16() for m in masters],
+                [torch.tensor(4.0) for _ in shapes]]
+
+    eager = tensors()
+    compiled = [[t.clone() for t in group] for group in eager]
+    hyper = {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
+    scale = torch.tensor(1.7)
+    adamw_with_masters(*eager, torch.tensor(3e-3), scale, torch.tensor(0.0), **hyper)
+    update = torch.compile(adamw_with_masters, fullgraph=True)
+    update(*compiled, torch.tensor(3e-3), scale, torch.tensor(0.0), **hyper)
+    for group_e, group_c in zip(eager, compiled):
+        for e, c in zip(group_e, group_c):
+            torch.testing.assert_close(c, e, rtol=2e-6, atol=1e-7)
+    before = [[t.clone() for t in group] for group in compiled]
+    update(*compiled, torch.tensor(3e-3), scale, torch.tensor(1.0), **hyper)
+    assert all(torch.equal(b, c) for gb, gc in zip(before, compiled) for b, c in zip(gb, gc))

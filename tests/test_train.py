@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -209,6 +210,8 @@ def test_a_signal_in_the_last_step_ends_the_run_complete(corpus, tmp_path, monke
      r"parallelism\.reshard_after_forward must be one of \('default', 'always', 'never', 'keep-last-N'\), "
      r"got 'sometimes'"),
     (lambda tmp, corpus: ["--parallelism.reduce_dtype=float8"], r"parallelism\.reduce_dtype must be one of"),
+    (lambda tmp, corpus: ["--optimizer.master_weights=true", "--training.dtype=float32"],
+     r"optimizer\.master_weights keeps fp32 masters of a bf16 model: it needs training\.dtype bfloat16"),
     (lambda tmp, corpus: ["--profiling.steps=0"], r"profiling\.start_step and profiling\.steps must be >= 1"),
     (lambda tmp, corpus: ["--profiling.enable=true", "--profiling.start_step=299", "--profiling.steps=3"],
      r"profiling: steps 299\.\.301 run past training\.steps \(300\)"),
@@ -311,3 +314,33 @@ def test_overlap_step_trains_the_same_run(corpus, tmp_path, monkeypatch):
     final = [load_tensors(runs[o] / "checkpoints" / "step-00000006", prefix="") for o in (False, True)]
     assert final[0].keys() == final[1].keys()
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0] if not k.startswith("rng."))
+
+
+def test_master_weights_run_resumes_exactly_and_saves_the_plain_layout(corpus, tmp_path):
+    """optimizer.master_weights (bf16 model, fp32 masters in the optimizer): a run resumed from
+    its step-3 checkpoint ends with the same step-6 checkpoint, to the bit, as the uninterrupted
+    run (it fails if the loaded masters do not reach the bf16 model); its checkpoint has the
+    plain run's keys, shapes and dtypes (fp32 weights and moments); and it trains like the fp32
+    run (the CPU computes in bf16 here, fp32 there)."""
+    runs = {}
+    for name, master in (("plain", False), ("master", True)):
+        runs[name] = tmp_path / name
+        train(load_job_config(None, tiny_overrides(runs[name], corpus, **{
+            "training.steps": 6, "metrics.log_interval": 1, "checkpoint.interval": 3,
+            "checkpoint.keep_last": 2, "optimizer.master_weights": master})))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs["master"], resumed)
+    shutil.rmtree(resumed / CHECKPOINTS_FOLDER / checkpoint_dir_name(6))
+    train(load_job_config(None, tiny_overrides(resumed, corpus, **{
+        "training.steps": 6, "metrics.log_interval": 1, "checkpoint.interval": 3,
+        "checkpoint.keep_last": 2, "optimizer.master_weights": True})))
+
+    final = {name: load_tensors(run / CHECKPOINTS_FOLDER / checkpoint_dir_name(6), prefix="")
+             for name, run in (*runs.items(), ("resumed", resumed))}
+    assert all(torch.equal(final["master"][k], final["resumed"][k]) for k in final["master"] if not k.startswith("rng."))
+    assert {k: (v.shape, v.dtype) for k, v in final["master"].items()} == \
+           {k: (v.shape, v.dtype) for k, v in final["plain"].items()}
+    assert final["master"]["model.output.weight"].dtype == torch.float32
+    plain, master = (read_metrics(runs[name]) for name in ("plain", "master"))
+    assert [r["loss"] for r in master] == pytest.approx([r["loss"] for r in plain], rel=0.02)
+    assert master[-1]["loss"] < master[0]["loss"] - 0.5
