@@ -10,8 +10,8 @@
 # plus the overrides in $FAST_SET, vs the reference mixer, eager, fp32 reduce), fused-op (the mixer's custom op vs mamba-ssm's
 # direct call), loss-check (the fused LM-head cross-entropy vs float64, and its time and memory
 # against autograd), bamba-9b-final (the kept configuration), bamba-9b-overlap (it with and without
-# optimizer.overlap_step), bamba-9b-master (it with and without optimizer.master_weights), bamba-9b-symm-mem
-# (it with the all-gathers in NCCL symmetric memory, copy engines moving them; plus $SYMM_SET), bamba-9b-nccl-channels (it with
+# optimizer.overlap_step), bamba-9b-master (it with and without optimizer.master_weights), bamba-9b-nccl-proto
+# (it with NCCL_PROTO=$NCCL_PROTO_SET, default Simple; plus $PROTO_SET), bamba-9b-nccl-channels (it with
 # NCCL_MAX_NCHANNELS in $NCCL_CHANNELS, default "8 4"), bamba-9b-keep-last (it with
 # reshard_after_forward=keep-last-N, N in $KEEP_LAST, default "8 16"), checkpoint-9b (one async save of
 # Bamba-9B's 117 GB while training for each mode in $CKPT_MODES, default "async,async_process":
@@ -99,8 +99,8 @@ for group in $groups; do
     bamba-9b-master)  # the kept configuration with fp32 masters in the optimizer and a bf16 model, then without
       bench 9b-final-master 400 $torchrun2 $final9b optimizer.master_weights=true
       bench 9b-final-plain 240 $torchrun2 $final9b ;;
-    bamba-9b-symm-mem)  # the kept configuration all-gathering into NCCL symmetric memory, by copy engines
-      NCCL_CTA_POLICY=2 bench 9b-final-symm-mem 300 $torchrun2 $final9b parallelism.symm_mem_all_gather=true ${SYMM_SET:-} ;;
+    bamba-9b-nccl-proto)  # the kept configuration with NCCL held to one protocol, $NCCL_PROTO_SET (default Simple)
+      NCCL_PROTO=${NCCL_PROTO_SET:-Simple} bench 9b-final-nccl-proto 240 $torchrun2 $final9b ${PROTO_SET:-} ;;
     checkpoint-1b-async)  # $CKPT_REPEATS async saves of each mode, on one GPU: the host buffers reused
       bench 1b-checkpoint-async 300 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench \
         --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-2} --discard=True ;;

@@ -131,8 +131,6 @@ class ParallelismSection:
     params in memory) | keep-last-N (all but the last N)."""
     reduce_dtype: str = "float32"
     """Gradient reduce-scatter dtype: float32 | bfloat16 (half the bytes; sums over many ranks lose bits)."""
-    symm_mem_all_gather: bool = False
-    """CUDA: all-gather into NCCL symmetric memory (with NCCL_CTA_POLICY=2, copy engines move it on one node)."""
 
 
 @dataclass

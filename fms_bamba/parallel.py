@@ -128,6 +128,3 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
     if cfg.compile:  # the loss's softmax and its gradient, fused into two passes over each logits chunk
         model.loss_and_grad = torch.compile(model.loss_and_grad)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    if cfg.symm_mem_all_gather and mesh.device_type == "cuda":
-        for module in (*model.layers, model):
-            module.set_symm_mem_for_comm("NCCL")
