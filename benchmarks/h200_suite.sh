@@ -15,8 +15,9 @@
 # NCCL_MAX_NCHANNELS in $NCCL_CHANNELS, default "8 4"), bamba-9b-keep-last (it with
 # reshard_after_forward=keep-last-N, N in $KEEP_LAST, default "8 16"), checkpoint-9b (one async save of
 # Bamba-9B's 117 GB while training for each mode in $CKPT_MODES, default "async,async_process":
-# written by a thread, then by DCP's checkpoint process; $CKPT_REPEATS saves of each, default 1). Default: the first five.
-# $STEPS_9B sets the steps of the kept configuration's runs (default 12). Each benchmark's whole
+# written by a thread, then by DCP's checkpoint process; $CKPT_REPEATS saves of each, default 1; plus the
+# overrides in $CKPT_SET). Default: the first five.
+# $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
 # output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
 out=${1:?usage: h200_suite.sh OUT_DIR [GROUP ...]}
@@ -28,9 +29,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 seq="--seq-len 4096"
 # The kept Bamba-9B configuration (docs/performance.md); groups below vary it. `--set` is last, so
 # a group can add overrides after it.
-final9b="benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps ${STEPS_9B:-12} --log-interval 4 --compile
+final9b="benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps ${STEPS_9B:-16} --log-interval 4 --compile
   --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16 parallelism.reshard_after_forward=keep-last-16
-  optimizer.overlap_step=true"
+  optimizer.overlap_step=true optimizer.master_weights=true"
 
 bench() {  # name, seconds allowed, command...
   local name=$1 limit=$2; shift 2
@@ -96,9 +97,9 @@ for group in $groups; do
     bamba-9b-overlap)  # the kept configuration (the optimizer's update beside the next forward), then without it
       bench 9b-final-overlap 300 $torchrun2 $final9b
       bench 9b-final-keep-last-16 240 $torchrun2 $final9b optimizer.overlap_step=false ;;
-    bamba-9b-master)  # the kept configuration with fp32 masters in the optimizer and a bf16 model, then without
-      bench 9b-final-master 400 $torchrun2 $final9b optimizer.master_weights=true
-      bench 9b-final-plain 240 $torchrun2 $final9b ;;
+    bamba-9b-master)  # the kept configuration (a bf16 model, fp32 masters in the optimizer), then without the masters
+      bench 9b-final-master 400 $torchrun2 $final9b
+      bench 9b-final-plain 240 $torchrun2 $final9b optimizer.master_weights=false ;;
     bamba-9b-nccl-proto)  # the kept configuration with NCCL held to one protocol, $NCCL_PROTO_SET (default Simple)
       NCCL_PROTO=${NCCL_PROTO_SET:-Simple} bench 9b-final-nccl-proto 240 $torchrun2 $final9b ${PROTO_SET:-} ;;
     checkpoint-1b-async)  # $CKPT_REPEATS async saves of each mode, on one GPU: the host buffers reused
@@ -107,7 +108,7 @@ for group in $groups; do
     checkpoint-9b)  # $CKPT_REPEATS saves of each mode in $CKPT_MODES (default: 1 by a thread, then 1 by the process)
       bench 9b-checkpoint 580 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml --out=/tmp/ckpt-bench-9b \
         --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-1} --discard=True --training.micro_batch_size=2 \
-        --parallelism.activation_checkpoint=none --parallelism.reduce_dtype=bfloat16 ;;
+        --parallelism.activation_checkpoint=none --parallelism.reduce_dtype=bfloat16 ${CKPT_SET:-} ;;
     *) echo "unknown group $group"; exit 2 ;;
   esac
 done
