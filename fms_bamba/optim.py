@@ -25,6 +25,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerSection, *, weights: nn.Modu
     Fused, because its step honours `optimizer.found_inf`: the trainer skips a non-finite step
     on the device, without waiting for it."""
     if cfg.master_weights:
+        if weights is None:
+            raise ValueError("optimizer.master_weights: pass the masters (build_model's weights) as `weights`")
         return MasterWeightAdamW(model, weights, cfg)
     groups = optimizer_param_groups(model, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,

@@ -196,6 +196,11 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
     if cfg.optimizer.master_weights and cfg.training.dtype == "float32":
         raise ConfigError("optimizer.master_weights keeps fp32 masters of a bf16 model: it needs training.dtype "
                           "bfloat16, got float32")
+    if cfg.optimizer.master_weights and plan.grad_accum_steps > 1:
+        # FSDP would sum the micro-batches' gradients into the bf16 gradient shards.
+        raise ConfigError(f"optimizer.master_weights keeps gradients in bf16, too coarse to accumulate "
+                          f"{plan.grad_accum_steps} micro-batches per step in: set training.global_batch_sequences "
+                          f"(or global_batch_tokens) to one micro-batch per process, or master_weights to false")
     if cfg.training.max_consecutive_skips < 1:
         raise ConfigError(f"training.max_consecutive_skips must be >= 1, got {cfg.training.max_consecutive_skips}")
     if cfg.training.max_grad_norm < 0:

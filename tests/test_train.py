@@ -212,6 +212,9 @@ def test_a_signal_in_the_last_step_ends_the_run_complete(corpus, tmp_path, monke
     (lambda tmp, corpus: ["--parallelism.reduce_dtype=float8"], r"parallelism\.reduce_dtype must be one of"),
     (lambda tmp, corpus: ["--optimizer.master_weights=true", "--training.dtype=float32"],
      r"optimizer\.master_weights keeps fp32 masters of a bf16 model: it needs training\.dtype bfloat16"),
+    (lambda tmp, corpus: as_cli_args(tiny_overrides(tmp / "run", corpus, **{
+        "optimizer.master_weights": True, "training.global_batch_sequences": 16})),
+     r"optimizer\.master_weights keeps gradients in bf16, too coarse to accumulate 2 micro-batches per step"),
     (lambda tmp, corpus: ["--profiling.steps=0"], r"profiling\.start_step and profiling\.steps must be >= 1"),
     (lambda tmp, corpus: ["--profiling.enable=true", "--profiling.start_step=299", "--profiling.steps=3"],
      r"profiling: steps 299\.\.301 run past training\.steps \(300\)"),
