@@ -323,7 +323,7 @@ def test_master_weights_run_resumes_exactly_and_saves_the_plain_layout(corpus, t
     """optimizer.master_weights (bf16 model, fp32 masters in the optimizer): a run resumed from
     its step-3 checkpoint ends with the same step-6 checkpoint, to the bit, as the uninterrupted
     run (it fails if the loaded masters do not reach the bf16 model); a run without the option
-    continues from that checkpoint too; its checkpoint has the plain run's keys, shapes and dtypes
+    continues from that checkpoint, and a run with it from a plain run's; its checkpoint has the plain run's keys, shapes and dtypes
     (fp32 weights and moments); and it trains like the fp32 run (the CPU computes in bf16 here,
     fp32 there)."""
     runs = {}
@@ -332,16 +332,17 @@ def test_master_weights_run_resumes_exactly_and_saves_the_plain_layout(corpus, t
         train(load_job_config(None, tiny_overrides(runs[name], corpus, **{
             "training.steps": 6, "metrics.log_interval": 1, "checkpoint.interval": 3,
             "checkpoint.keep_last": 2, "optimizer.master_weights": master})))
-    resumed, as_plain = tmp_path / "resumed", tmp_path / "as_plain"
-    for run_dir, master in ((resumed, True), (as_plain, False)):
-        shutil.copytree(runs["master"], run_dir)
+    resumed, as_plain, as_master = tmp_path / "resumed", tmp_path / "as_plain", tmp_path / "as_master"
+    for run_dir, source, master in ((resumed, "master", True), (as_plain, "master", False), (as_master, "plain", True)):
+        shutil.copytree(runs[source], run_dir)
         shutil.rmtree(run_dir / CHECKPOINTS_FOLDER / checkpoint_dir_name(6))
         train(load_job_config(None, tiny_overrides(run_dir, corpus, **{
             "training.steps": 6, "metrics.log_interval": 1, "checkpoint.interval": 3,
             "checkpoint.keep_last": 2, "optimizer.master_weights": master})))
-    # A run without the option continues from the masters' checkpoint (fp32 compute on the CPU).
-    assert [r["loss"] for r in read_metrics(as_plain)[3:6]] == \
-           pytest.approx([r["loss"] for r in read_metrics(runs["master"])[3:6]], rel=0.01)
+    # Either kind of run continues from the other's checkpoint (the CPU computes in fp32 without masters).
+    for run_dir, source in ((as_plain, "master"), (as_master, "plain")):
+        assert [r["loss"] for r in read_metrics(run_dir)[3:6]] == \
+               pytest.approx([r["loss"] for r in read_metrics(runs[source])[3:6]], rel=0.01)
 
     final = {name: load_tensors(run / CHECKPOINTS_FOLDER / checkpoint_dir_name(6), prefix="")
              for name, run in (*runs.items(), ("resumed", resumed))}
