@@ -39,17 +39,21 @@ def master_weights(model: Bamba) -> Bamba:
     Bamba, it has the model's parameter names and its `init_weights`."""
     with torch.device("meta"):
         weights = Bamba(model.config)
-    for name, param in model.named_parameters():
-        module_name, _, leaf = name.replace(_CHECKPOINT_PREFIX, "").rpartition(".")
+    for name, param in _named_parameters(model):
+        module_name, _, leaf = name.rpartition(".")
         setattr(weights.get_submodule(module_name), leaf,
                 nn.Parameter(torch.empty_like(param, dtype=torch.float32), requires_grad=param.requires_grad))
     return weights
 
 
+def _named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The model's parameters under Bamba's own names (activation checkpointing's prefix dropped)."""
+    return [(name.replace(_CHECKPOINT_PREFIX, ""), param) for name, param in model.named_parameters()]
+
+
 def paired_parameters(model: nn.Module, weights: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
     """(master, parameter) for each of the model's parameters, paired by name."""
-    return [(weights.get_parameter(name.replace(_CHECKPOINT_PREFIX, "")), param)
-            for name, param in model.named_parameters()]
+    return [(weights.get_parameter(name), param) for name, param in _named_parameters(model)]
 
 
 @torch.no_grad()

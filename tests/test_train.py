@@ -320,25 +320,26 @@ def test_overlap_step_trains_the_same_run(corpus, tmp_path, monkeypatch):
 
 
 def test_master_weights_run_resumes_exactly_and_saves_the_plain_layout(corpus, tmp_path):
-    """optimizer.master_weights (bf16 model, fp32 masters in the optimizer): a run resumed from
-    its step-3 checkpoint ends with the same step-6 checkpoint, to the bit, as the uninterrupted
-    run (it fails if the loaded masters do not reach the bf16 model); a run without the option
-    continues from that checkpoint, and a run with it from a plain run's; its checkpoint has the plain run's keys, shapes and dtypes
-    (fp32 weights and moments); and it trains like the fp32 run (the CPU computes in bf16 here,
-    fp32 there)."""
-    runs = {}
+    """optimizer.master_weights (bf16 model, fp32 masters in the optimizer; activation
+    checkpointing on, whose wrapper renames parameters): a run resumed from its step-3 checkpoint
+    ends with the same step-6 checkpoint, to the bit, as the uninterrupted run (it fails if the
+    loaded masters do not reach the bf16 model); a run without the option continues from that
+    checkpoint, and a run with it from a plain run's; its checkpoint has the plain run's keys,
+    shapes and dtypes (fp32 weights and moments); and it trains like the fp32 run (the CPU
+    computes in bf16 here, fp32 there)."""
+    def run(run_dir: Path, master: bool) -> None:
+        train(load_job_config(None, tiny_overrides(run_dir, corpus, **{
+            "training.steps": 6, "metrics.log_interval": 1, "checkpoint.interval": 3, "checkpoint.keep_last": 2,
+            "optimizer.master_weights": master, "parallelism.activation_checkpoint": "every-2"})))
+
+    runs = {name: tmp_path / name for name in ("plain", "master")}
     for name, master in (("plain", False), ("master", True)):
-        runs[name] = tmp_path / name
-        train(load_job_config(None, tiny_overrides(runs[name], corpus, **{
-            "training.steps": 6, "metrics.log_interval": 1, "checkpoint.interval": 3,
-            "checkpoint.keep_last": 2, "optimizer.master_weights": master})))
+        run(runs[name], master)
     resumed, as_plain, as_master = tmp_path / "resumed", tmp_path / "as_plain", tmp_path / "as_master"
     for run_dir, source, master in ((resumed, "master", True), (as_plain, "master", False), (as_master, "plain", True)):
         shutil.copytree(runs[source], run_dir)
         shutil.rmtree(run_dir / CHECKPOINTS_FOLDER / checkpoint_dir_name(6))
-        train(load_job_config(None, tiny_overrides(run_dir, corpus, **{
-            "training.steps": 6, "metrics.log_interval": 1, "checkpoint.interval": 3,
-            "checkpoint.keep_last": 2, "optimizer.master_weights": master})))
+        run(run_dir, master)
     # Either kind of run continues from the other's checkpoint (the CPU computes in fp32 without masters).
     for run_dir, source in ((as_plain, "master"), (as_master, "plain")):
         assert [r["loss"] for r in read_metrics(run_dir)[3:6]] == \
