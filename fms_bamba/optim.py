@@ -11,7 +11,6 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPO
 
 from fms_bamba.config import LRSchedulerSection, OptimizerSection
 from fms_bamba.model import Bamba, optimizer_param_groups
-from fms_bamba.parallel import sharded_units
 from fms_bamba.staging import local_shard
 
 WARMUP_SHAPES = ("linear", "quadratic")
@@ -139,34 +138,33 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
 class UpdateBesideForward:
     """The optimizer's step, one FSDP unit at a time in forward order (the root's own parameters,
-    then each unit of `sharded_units`: the embedding, each block, the LM head), on a CUDA stream of
-    its own: the next step's forward starts as soon as the root's and the embedding's updates are
-    done, and before each unit's all-gather FSDP's streams wait for that unit's update only, so
-    the rest of the memory-bound AdamW runs beside the forward's matmuls.
+    then each block's), on a CUDA stream of its own: the next step's forward starts as soon as the
+    root's update is done, and before each block's all-gather FSDP's streams wait for that block's
+    update only, so the rest of the memory-bound AdamW runs beside the forward's matmuls.
 
     The update is the same as one `optimizer.step()`: the fused kernel treats each tensor on its
     own, and the clipping divisor and skip flag (`grad_scale`, `found_inf`) are global. Without
     CUDA the units are stepped in turn on the current stream.
 
-    FSDP's all-gather streams run in order, so once a unit's forward has waited, every later
+    FSDP's all-gather streams run in order, so once a block's forward has waited, every later
     gather of it (backward, the evaluation's decoding) follows the update too. Anything gathering a
-    unit before its next forward must synchronize first (a checkpoint's copy does)."""
+    block before its next forward must synchronize first (a checkpoint's copy does)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
-        modules = sharded_units(model)
-        in_units = {p for module in modules for p in module.parameters()}
-        units = [{p for p in model.parameters() if p not in in_units}] + [set(m.parameters()) for m in modules]
+        blocks = list(model.layers)
+        in_blocks = {p for block in blocks for p in block.parameters()}
+        units = [{p for p in model.parameters() if p not in in_blocks}] + [set(b.parameters()) for b in blocks]
         param_of = getattr(optimizer, "param_of", {})  # a MasterWeightAdamW's groups hold masters
         # Per unit, what the optimizer updates in each param group (in the group's order; a group may be empty).
         self.unit_groups = [[[p for p in group["params"] if param_of.get(p, p) in unit]
                              for group in optimizer.param_groups] for unit in units]
         self.params = [param_of.get(p, p) for groups in self.unit_groups for params in groups for p in params]
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
-        self.unit_events: list[torch.cuda.Event | None] = [None] * len(modules)
+        self.block_events: list[torch.cuda.Event | None] = [None] * len(blocks)
         if self.stream is not None:
-            for index, module in enumerate(modules):  # before FSDP's own pre-forward, which all-gathers
-                module.register_forward_pre_hook(functools.partial(self._before_unit, index), prepend=True)
+            for index, block in enumerate(blocks):  # before FSDP's own pre-forward, which all-gathers
+                block.register_forward_pre_hook(functools.partial(self._before_block, index), prepend=True)
 
     def __call__(self) -> None:
         if self.stream is None:
@@ -186,10 +184,10 @@ class UpdateBesideForward:
             for index, groups in enumerate(self.unit_groups):
                 self._step_unit(groups)
                 event = self.stream.record_event()
-                if index == 0:  # the root's all-gather (the final norm) waits for it
+                if index == 0:  # the root's all-gather (embedding, final norm, LM head) waits for it
                     self.model.set_post_optim_event(event)
                 else:
-                    self.unit_events[index - 1] = event
+                    self.block_events[index - 1] = event
 
     def _step_unit(self, groups: list[list[torch.nn.Parameter]]) -> None:
         all_groups = self.optimizer.param_groups
@@ -201,10 +199,10 @@ class UpdateBesideForward:
             self.optimizer.param_groups = all_groups
 
     @torch.compiler.disable
-    def _before_unit(self, index: int, module: torch.nn.Module, args: tuple) -> None:
-        event, self.unit_events[index] = self.unit_events[index], None
+    def _before_block(self, index: int, block: torch.nn.Module, args: tuple) -> None:
+        event, self.block_events[index] = self.block_events[index], None
         if event is not None:
-            comm = module._get_fsdp_state()._comm_ctx  # FSDP2's all-gather streams (made at its lazy init)
+            comm = block._get_fsdp_state()._comm_ctx  # FSDP2's all-gather streams (made at its lazy init)
             comm.all_gather_copy_in_stream.wait_event(event)
             comm.all_gather_stream.wait_event(event)
 

@@ -110,7 +110,7 @@ def build_mesh(cfg: ParallelismSection, device: torch.device) -> DeviceMesh:
 def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: ParallelismSection, *,
                       param_dtype: torch.dtype = torch.float32) -> None:
     """Activation checkpointing, then compile (of each block and the loss's elementwise part), then
-    `fully_shard` per unit of `sharded_units` and the root (which keeps the final norm).
+    `fully_shard` per decoder block and the root.
 
     Call on a model built under torch.device("meta"); afterwards `to_empty` + `init_weights`."""
     every = parse_activation_checkpoint(cfg.activation_checkpoint)
@@ -126,16 +126,5 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < first_kept)
         model.layers[index] = block
     if cfg.compile:  # the loss's softmax and its gradient, fused into two passes over each logits chunk
-        model.output.loss_and_grad = torch.compile(model.output.loss_and_grad)
-    # The embedding and the LM head are units of their own, so that only the embedding's update,
-    # all-gather and reduce-scatter lie between one step and the next; the head's reduce-scatter runs
-    # beside the blocks' backward. Backward needs the head again at once, and would gather the
-    # embedding only to drop it unused: keep both gathered.
-    for module in (model.tok_embeddings, model.output):
-        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        model.loss_and_grad = torch.compile(model.loss_and_grad)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-
-
-def sharded_units(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules `apply_parallelism` shards as units, in forward order; the root holds the rest."""
-    return [model.tok_embeddings, *model.layers, model.output]

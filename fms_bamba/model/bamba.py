@@ -41,24 +41,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LMHead(nn.Linear):
-    """The output projection [D -> V]. Given labels, it returns the summed fp32 cross-entropy
-    instead of the logits, a chunk of tokens at a time (model/loss.py), so that the loss, too,
-    reaches the weight through this module's forward (where FSDP gathers it)."""
-
-    def __init__(self, dim: int, vocab_size: int, chunk_tokens: int):
-        super().__init__(dim, vocab_size, bias=False)
-        self.chunk_tokens = chunk_tokens
-        self.loss_and_grad = summed_loss_and_logit_grad  # the loss's elementwise part; compile may replace it
-
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        # h [T, D] -> logits [T, V]; with labels [T], the CE summed over labels != -100
-        if labels is None:
-            return super().forward(h)
-        return linear_cross_entropy(h, self.weight, labels, chunk_tokens=self.chunk_tokens,
-                                    loss_and_grad=self.loss_and_grad)
-
-
 class Block(nn.Module):
     """x + mixer(norm(x)), then + mlp(norm(x)); the mixer is Mamba-2 or attention."""
 
@@ -109,7 +91,8 @@ class Bamba(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.output = LMHead(config.hidden_size, config.vocab_size, config.loss_chunk_tokens)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_and_grad = summed_loss_and_logit_grad
         if not self.output.weight.is_meta:
             self.init_weights()
 
@@ -207,9 +190,12 @@ class Bamba(nn.Module):
         return self.output(self.norm(h[:, 0]))  # [B, V]
 
     def chunked_cross_entropy(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean fp32 CE over labels != -100 of the LM head's logits, a chunk of tokens at a time."""
+        """Mean fp32 CE over labels != -100 of the LM head's logits, a chunk of tokens at a time
+        (model/loss.py); `loss_and_grad` is the elementwise part, which compile may replace."""
         h, labels = h.flatten(0, 1), labels.flatten()  # [B*S, D], [B*S]
-        return self.output(h, labels) / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        total = linear_cross_entropy(h, self.output.weight, labels, chunk_tokens=self.config.loss_chunk_tokens,
+                                     loss_and_grad=self.loss_and_grad)
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     def check_inputs(
         self,
