@@ -16,7 +16,10 @@
 # reshard_after_forward=keep-last-N, N in $KEEP_LAST, default "8 16"), checkpoint-9b (one async save of
 # Bamba-9B's 117 GB while training for each mode in $CKPT_MODES, default "async,async_process":
 # written by a thread, then by DCP's checkpoint process; $CKPT_REPEATS saves of each, default 1; plus the
-# overrides in $CKPT_SET). Default: the first five.
+# overrides in $CKPT_SET), bamba-9b-power (the kept configuration with both GPUs' SM clock and power
+# sampled every 0.5 s by nvidia-smi: OUT_DIR/9b-power.csv, summarised by benchmarks/power_summary.py),
+# step-parts (one GPU: each matmul of a step with cuBLAS and cuBLASLt, weight layouts, the MLP with
+# gate and up fused or not, the SSD chunk size; benchmarks/step_parts.py). Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
 # output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
@@ -109,6 +112,16 @@ for group in $groups; do
       bench 9b-checkpoint 580 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml --out=/tmp/ckpt-bench-9b \
         --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-1} --discard=True --training.micro_batch_size=2 \
         --parallelism.activation_checkpoint=none --parallelism.reduce_dtype=bfloat16 ${CKPT_SET:-} ;;
+    bamba-9b-power)  # the kept configuration, with clocks and power sampled: is the step held back by the power limit?
+      nvidia-smi --query-gpu=index,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.sw_power_cap \
+        --format=csv -lms 500 > "$out/9b-power.csv" &
+      sampler=$!
+      bench 9b-power 300 $torchrun2 $final9b
+      kill $sampler
+      python benchmarks/power_summary.py "$out/9b-power.csv" | tee "$out/9b-power.txt" ;;
+    step-parts)
+      bench step-parts 400 python benchmarks/step_parts.py
+      grep -v -i warn "$out/step-parts.log" ;;
     *) echo "unknown group $group"; exit 2 ;;
   esac
 done
