@@ -38,6 +38,24 @@ def median_ms(fn, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def matmul_passes(tokens: int, n_in: int, n_out: int, iters: int, weight_stored: str = "[out, in]") -> str:
+    """A linear layer's three matmuls (forward, input gradient, weight gradient), with the weight
+    stored [out, in] (nn.Linear's layout) or [in, out]: milliseconds and TFLOP/s of each and of all."""
+    x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
+    if weight_stored == "[out, in]":
+        w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
+        fns = (lambda: x @ w.t(), lambda: dy @ w, lambda: dy.t() @ x)
+    else:
+        w_t = torch.randn(n_in, n_out, device="cuda", dtype=torch.bfloat16)
+        fns = (lambda: x @ w_t, lambda: dy @ w_t.t(), lambda: x.t() @ dy)
+    passes = [median_ms(fn, iters) for fn in fns]
+    flops = 2 * tokens * n_in * n_out
+    return (f"[{n_in:>6} -> {n_out:>6}] {weight_stored} "
+            + "  ".join(f"{ms:6.2f} ms {flops / ms / 1e9:4.0f}" for ms in passes)
+            + f"  | {sum(passes):6.2f} ms {3 * flops / sum(passes) / 1e9:4.0f} TFLOP/s")
+
+
 def linear_timings(config: BambaConfig, tokens: int, iters: int) -> None:
     d, h = config.hidden_size, config.mlp_hidden_size
     in_proj = config.mamba_d_inner + config.mamba_conv_dim + config.mamba_n_heads
@@ -51,37 +69,21 @@ def linear_timings(config: BambaConfig, tokens: int, iters: int) -> None:
         print(f"## linear layers, {tokens} tokens, bf16, {library} (median of {iters}): forward, input "
               "gradient, weight gradient, all three")
         for name, (n_in, n_out) in shapes.items():
-            x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16)
-            w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
-            dy = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
-            passes = [median_ms(fn, iters) for fn in (lambda: x @ w.t(), lambda: dy @ w, lambda: dy.t() @ x)]
-            flops = 2 * tokens * n_in * n_out
-            print(f"{name:<30} [{n_in:>6} -> {n_out:>6}] "
-                  + "  ".join(f"{ms:6.2f} ms {flops / ms / 1e9:4.0f}" for ms in passes)
-                  + f"  | {sum(passes):6.2f} ms {3 * flops / sum(passes) / 1e9:4.0f} TFLOP/s")
+            print(f"{name:<30} {matmul_passes(tokens, n_in, n_out, iters)}")
     torch.backends.cuda.preferred_blas_library("default")
 
 
 def layout_timings(config: BambaConfig, tokens: int, iters: int) -> None:
-    """The slower projections with the weight stored [out, in] (nn.Linear's layout) and [in, out],
-    and the Mamba-2 in_proj at widths around its own (16,768 = 131 x 128)."""
+    """The slower projections with the weight stored [out, in] and [in, out], and the Mamba-2
+    in_proj at widths around its own (16,768 = 131 x 128)."""
     d = config.hidden_size
     in_proj = config.mamba_d_inner + config.mamba_conv_dim + config.mamba_n_heads
     shapes = [("mamba in_proj", d, n) for n in (in_proj, 16384, 16640, 16896, 17152)]
     shapes += [("mamba out_proj", config.mamba_d_inner, d), ("mlp down", config.mlp_hidden_size, d)]
     print(f"\n## weight layouts, {tokens} tokens, cuBLAS: forward, input gradient, weight gradient, all three")
     for name, n_in, n_out in shapes:
-        x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16)
-        dy = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)  # [out, in]
-        w_t = w.t().contiguous()  # [in, out]
-        flops = 2 * tokens * n_in * n_out
-        for layout, fns in (("[out, in]", (lambda: x @ w.t(), lambda: dy @ w, lambda: dy.t() @ x)),
-                            ("[in, out]", (lambda: x @ w_t, lambda: dy @ w_t.t(), lambda: x.t() @ dy))):
-            passes = [median_ms(fn, iters) for fn in fns]
-            print(f"{name:<15} [{n_in:>6} -> {n_out:>6}] {layout} "
-                  + "  ".join(f"{ms:6.2f} ms {flops / ms / 1e9:4.0f}" for ms in passes)
-                  + f"  | {sum(passes):6.2f} ms {3 * flops / sum(passes) / 1e9:4.0f} TFLOP/s")
+        for stored in ("[out, in]", "[in, out]"):
+            print(f"{name:<15} {matmul_passes(tokens, n_in, n_out, iters, stored)}")
 
 
 def swiglu_split(x, gate, up, down):
