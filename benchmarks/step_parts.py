@@ -21,21 +21,9 @@ import torch.nn.functional as F
 
 from fms_bamba.model import BambaConfig
 from fms_bamba.model.mamba2 import Mamba2Mixer
+from model_kernels import time_fwd_bwd  # this folder's: the median of synchronised runs
 
-
-def median_ms(fn, iters: int) -> float:
-    """Median CUDA-event milliseconds of fn()."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+CUDA = torch.device("cuda")
 
 
 def matmul_passes(tokens: int, n_in: int, n_out: int, iters: int, weight_stored: str = "[out, in]") -> str:
@@ -49,7 +37,7 @@ def matmul_passes(tokens: int, n_in: int, n_out: int, iters: int, weight_stored:
     else:
         w_t = torch.randn(n_in, n_out, device="cuda", dtype=torch.bfloat16)
         fns = (lambda: x @ w_t, lambda: dy @ w_t.t(), lambda: x.t() @ dy)
-    passes = [median_ms(fn, iters) for fn in fns]
+    passes = [time_fwd_bwd(fn, CUDA, iters) for fn in fns]
     flops = 2 * tokens * n_in * n_out
     return (f"[{n_in:>6} -> {n_out:>6}] {weight_stored} "
             + "  ".join(f"{ms:6.2f} ms {flops / ms / 1e9:4.0f}" for ms in passes)
@@ -110,7 +98,7 @@ def mlp_timings(config: BambaConfig, tokens: int, iters: int, autotune: bool) ->
         fused = torch.compile(swiglu_fused, mode=mode) if compiled else swiglu_fused
         for name, fn in (("gate, up separate", lambda: split(x, *weights).backward(dy)),
                          ("gate+up one matmul", lambda: fused(x, gate_up, weights[2]).backward(dy))):
-            ms = median_ms(fn, iters)
+            ms = time_fwd_bwd(fn, CUDA, iters)
             print(f"{mode or ('compiled' if compiled else 'eager'):<9} {name:<20} {ms:7.2f} ms  {flops / ms / 1e9:6.0f} TFLOP/s")
 
 
@@ -123,7 +111,7 @@ def mixer_timings(config: BambaConfig, tokens: int, iters: int) -> None:
             mixer = Mamba2Mixer(dataclasses.replace(config, mamba_chunk_size=chunk, mixer_impl="kernels")).bfloat16()
         for p in mixer.parameters():
             torch.nn.init.normal_(p, std=0.02)
-        ms = median_ms(lambda: mixer(x).sum().backward(), iters)
+        ms = time_fwd_bwd(lambda: mixer(x).sum().backward(), CUDA, iters)
         print(f"chunk {chunk:<4} {ms:7.2f} ms")
 
 

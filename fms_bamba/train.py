@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
@@ -283,9 +282,7 @@ def build_model(model_cfg: BambaConfig, mesh: DeviceMesh, cfg: JobConfig, device
     masters = cfg.optimizer.master_weights
     compute_dtype = DTYPES[cfg.training.dtype] if device.type == "cuda" or masters else torch.float32
     if masters:  # before sharding, so FSDP's shards, gathers and gradients are all of this dtype
-        for module in model.modules():
-            for name, param in module.named_parameters(recurse=False):
-                setattr(module, name, nn.Parameter(param.to(compute_dtype), requires_grad=param.requires_grad))
+        model.to(compute_dtype)
     apply_parallelism(model, mesh, cfg.parallelism, param_dtype=compute_dtype)
     model.to_empty(device=device)
     weights = master_weights(model) if masters else model

@@ -354,3 +354,31 @@ def test_master_weights_run_resumes_exactly_and_saves_the_plain_layout(corpus, t
     plain, master = (read_metrics(runs[name]) for name in ("plain", "master"))
     assert [r["loss"] for r in master] == pytest.approx([r["loss"] for r in plain], rel=0.02)
     assert master[-1]["loss"] < master[0]["loss"] - 0.5
+
+
+def test_build_model_with_master_weights_keeps_bf16_shards_of_the_fp32_init():
+    """With optimizer.master_weights the model's FSDP shards are bf16 and its masters fp32; the
+    masters are the fp32 model's own initial weights, and the model's parameters them rounded."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from fms_bamba.parallel import build_mesh
+    from fms_bamba.train import build_model, build_model_config
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        built = {}
+        for masters in (False, True):
+            cfg = load_job_config(None, {"model.preset": "tiny", "optimizer.master_weights": masters})
+            built[masters] = build_model(build_model_config(cfg), build_mesh(cfg.parallelism, torch.device("cpu")),
+                                         cfg, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    plain, _ = built[False]
+    model, weights = built[True]
+    assert weights is not model
+    for (name, param), (_, master), (_, reference) in zip(model.named_parameters(), weights.named_parameters(),
+                                                         plain.named_parameters()):
+        assert isinstance(param, DTensor) and param.dtype == torch.bfloat16, name
+        assert master.dtype == torch.float32 and torch.equal(master.full_tensor(), reference.full_tensor()), name
+        assert torch.equal(param.full_tensor(), master.full_tensor().bfloat16()), name
