@@ -99,9 +99,10 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def summarize_trace(path: str | Path, steps: int) -> str:
+def summarize_trace(path: str | Path, steps: int, top: int = 8) -> str:
     """Per recorded step, in ms: the GPU time span, time with no kernel running, communication
-    overlapped with computation and not, and kernel time by kind (summed over streams)."""
+    overlapped with computation and not, and kernel time by kind (summed over streams); then the
+    `top` longest stalls of the window (`stalls`)."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt") as f:
         events = json.load(f)["traceEvents"]
@@ -134,7 +135,50 @@ def summarize_trace(path: str | Path, steps: int) -> str:
         "  kernel time by kind (all streams):",
     ]
     lines += [f"    {kind:<26} {per_step(us):9.1f}" for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])]
-    return "\n".join(lines)
+    return "\n".join(lines + stalls(events, kernels, start, top))
+
+
+def stalls(events: list[dict], kernels: list[dict], start: float, top: int) -> list[str]:
+    """The `top` longest stretches where the GPU ran nothing, and where it ran only communication,
+    each with the kernels around it and the host code that launched the kernel that ended it: a
+    launch inside the stretch means the GPU waited for the host."""
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    host_spans = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("user_annotation", "cpu_op")]
+
+    def launched_from(kernel: dict) -> str:
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        if launch is None:
+            return "launch not recorded"
+        # The innermost annotation and operator around the launch (FSDP's hooks annotate theirs).
+        around = sorted((e for e in host_spans if e.get("tid") == launch.get("tid")
+                         and e["ts"] <= launch["ts"] <= e["ts"] + e["dur"]), key=lambda e: e["dur"])
+        names = [next((e["name"] for e in around if e["cat"] == cat), None) for cat in ("user_annotation", "cpu_op")]
+        return f"launched at {(launch['ts'] - start) / 1e3:.2f} ms from " + " / ".join(n for n in names if n)
+
+    def stretches(blocking: list[dict]) -> list[tuple[float, float]]:
+        """Gaps between the merged intervals of `blocking` kernels, longest first."""
+        gaps, reach = [], None
+        for s, e in sorted((k["ts"], k["ts"] + k["dur"]) for k in blocking):
+            if reach is not None and s > reach:
+                gaps.append((reach, s))
+            reach = e if reach is None else max(reach, e)
+        return sorted(gaps, key=lambda g: g[0] - g[1])[:top]
+
+    def describe(gaps: list[tuple[float, float]]) -> list[str]:
+        out = []
+        for gap_start, gap_end in gaps:
+            before = max((k for k in kernels if k["ts"] + k["dur"] <= gap_start + 1e-3),
+                         key=lambda k: k["ts"] + k["dur"], default=None)
+            after = min((k for k in kernels if k["ts"] >= gap_end - 1e-3), key=lambda k: k["ts"], default=None)
+            out.append(f"    {(gap_end - gap_start) / 1e3:7.2f} ms at {(gap_start - start) / 1e3:9.2f} ms: "
+                       f"after {before['name'][:60] if before else '-'}; "
+                       f"before {after['name'][:60] if after else '-'} ({launched_from(after) if after else '-'})")
+        return out
+
+    compute = [k for k in kernels if kernel_kind(k["name"]) != "communication"]
+    return (["  longest stretches with no kernel running (of the whole window):"] + describe(stretches(kernels))
+            + ["  longest stretches with no computation running:"] + describe(stretches(compute)))
 
 
 if __name__ == "__main__":

@@ -76,3 +76,26 @@ def test_step_profiler_records_its_window_only(tmp_path, capsys):
     assert cut.profiler is None and not (tmp_path / "cut").exists()
     profiler.before_step(2)  # a profiler can start again: none was left running
     profiler.close()
+
+
+def test_stalls_name_the_kernels_around_them_and_the_launching_host_code(tmp_path):
+    # Compute 0..100 and 300..400 us; an all-gather 100..250 alone. The kernel at 300 was launched
+    # at 290 from FSDP's pre-forward hook (the GPU waited on the host); nothing ran 250..300.
+    def launched(name, start, duration, stream, correlation):
+        return dict(kernel(name, start, duration, stream), args={"stream": stream, "correlation": correlation})
+
+    events = [launched("nvjet_gemm", 0, 100, 7, 1), launched("ncclDevKernel_AllGather", 100, 150, 20, 2),
+              launched("triton_poi_fused_add_0", 300, 100, 7, 3),
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 290, "dur": 2, "tid": 1,
+               "args": {"correlation": 3}},
+              {"ph": "X", "cat": "user_annotation", "name": "FSDP::pre_forward", "ts": 200, "dur": 95, "tid": 1},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 289, "dur": 4, "tid": 1},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 400, "tid": 2}]  # another thread
+    trace = tmp_path / "rank0.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    lines = summarize_trace(trace, steps=1).splitlines()
+    idle = lines[lines.index("  longest stretches with no kernel running (of the whole window):") + 1]
+    assert idle == ("       0.05 ms at      0.25 ms: after ncclDevKernel_AllGather; before triton_poi_fused_add_0 "
+                    "(launched at 0.29 ms from FSDP::pre_forward / aten::add)")
+    no_compute = lines[lines.index("  longest stretches with no computation running:") + 1:]
+    assert len(no_compute) == 1 and no_compute[0].startswith("       0.20 ms at      0.10 ms: after nvjet_gemm;")
