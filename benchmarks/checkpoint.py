@@ -71,7 +71,7 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
     cfg = load_job_config(config, overrides)
     info = dist_info_from_env()
     model_cfg, device = build_model_config(cfg), pick_device(cfg, info)
-    init_distributed(device)
+    init_distributed(device, cfg.parallelism)
     rank0 = info.rank == 0
     out_dir = Path(out)
     if rank0 and out_dir.exists():

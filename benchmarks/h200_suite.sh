@@ -19,7 +19,10 @@
 # overrides in $CKPT_SET), bamba-9b-power (the kept configuration with both GPUs' SM clock and power
 # sampled every 0.5 s by nvidia-smi: OUT_DIR/9b-power.csv, summarised by benchmarks/power_summary.py),
 # step-parts (one GPU: each matmul of a step with cuBLAS and cuBLASLt, weight layouts, the MLP with
-# gate and up fused or not, the SSD chunk size; benchmarks/step_parts.py). Default: the first five.
+# gate and up fused or not, the SSD chunk size; benchmarks/step_parts.py), all-gather-check (FSDP's
+# all-gather on NCCL's kernels and on copy engines, alone and beside a matmul;
+# benchmarks/all_gather_check.py), bamba-9b-copy-engine (the kept configuration with
+# parallelism.all_gather=nccl, then as kept, copy-engine, plus $CE_SET). Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
 # output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
@@ -34,7 +37,7 @@ seq="--seq-len 4096"
 # a group can add overrides after it.
 final9b="benchmarks/train.py --preset bamba-9b $seq --micro-batch-size 2 --steps ${STEPS_9B:-16} --log-interval 4 --compile
   --workdir /tmp/b9f --set parallelism.reduce_dtype=bfloat16 parallelism.reshard_after_forward=keep-last-16
-  optimizer.overlap_step=true optimizer.master_weights=true"
+  optimizer.overlap_step=true optimizer.master_weights=true parallelism.all_gather=copy-engine"
 
 bench() {  # name, seconds allowed, command...
   local name=$1 limit=$2; shift 2
@@ -112,6 +115,14 @@ for group in $groups; do
       bench 9b-checkpoint 580 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml --out=/tmp/ckpt-bench-9b \
         --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-1} --discard=True --training.micro_batch_size=2 \
         --parallelism.activation_checkpoint=none --parallelism.reduce_dtype=bfloat16 ${CKPT_SET:-} ;;
+    all-gather-check)  # FSDP's all-gather on NCCL's kernels vs copy engines, beside a matmul
+      for engine in nccl copy-engine; do
+        bench all-gather-$engine 120 $torchrun2 benchmarks/all_gather_check.py --all-gather $engine
+        grep -E "all-gather |Error" "$out/all-gather-$engine.log"
+      done ;;
+    bamba-9b-copy-engine)  # the kept configuration without and with copy-engine all-gathers, one call
+      bench 9b-final-nccl 240 $torchrun2 $final9b parallelism.all_gather=nccl
+      bench 9b-final-copy-engine 300 $torchrun2 $final9b ${CE_SET:-} ;;
     bamba-9b-power)  # the kept configuration, with clocks and power sampled: is the step held back by the power limit?
       nvidia-smi --query-gpu=index,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.sw_power_cap \
         --format=csv -lms 500 > "$out/9b-power.csv" &

@@ -131,6 +131,9 @@ class ParallelismSection:
     params in memory) | keep-last-N (all but the last N)."""
     reduce_dtype: str = "float32"
     """Gradient reduce-scatter dtype: float32 | bfloat16 (half the bytes; sums over many ranks lose bits)."""
+    all_gather: str = "nccl"
+    """How parameters are gathered: nccl (NCCL's kernels, on SMs) | copy-engine (NCCL's copy-engine
+    all-gather into symmetric memory: no SM time; one node, CUDA, NCCL >= 2.28)."""
 
 
 @dataclass

@@ -12,8 +12,10 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
     checkpoint_wrapper,
 )
+from torch.distributed import _symmetric_memory as symm_mem
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
 
 from fms_bamba.config import ParallelismSection
 
@@ -80,17 +82,49 @@ def blocks_kept_gathered(policy: str, n_blocks: int) -> int:
     raise ValueError(f"parallelism.reshard_after_forward must be one of {RESHARD_POLICIES}, got {policy!r}")
 
 
-def check_fsdp_options(cfg: ParallelismSection) -> None:
-    """ValueError naming the field when reshard_after_forward or reduce_dtype is unknown."""
+ALL_GATHERS = ("nccl", "copy-engine")
+
+
+def check_fsdp_options(cfg: ParallelismSection, device_type: str) -> None:
+    """ValueError naming the field when reshard_after_forward, reduce_dtype or all_gather is
+    unknown, or all_gather=copy-engine is asked of a device without it."""
     blocks_kept_gathered(cfg.reshard_after_forward, 1)
     if cfg.reduce_dtype not in DTYPES:
         raise ValueError(f"parallelism.reduce_dtype must be one of {tuple(DTYPES)}, got {cfg.reduce_dtype!r}")
+    if cfg.all_gather not in ALL_GATHERS:
+        raise ValueError(f"parallelism.all_gather must be one of {ALL_GATHERS}, got {cfg.all_gather!r}")
+    if cfg.all_gather == "copy-engine" and device_type != "cuda":
+        raise ValueError(f"parallelism.all_gather=copy-engine needs CUDA devices (NCCL), not {device_type}")
 
 
-def init_distributed(device: torch.device) -> None:
+class CopyEngineAllGather(AllGather):
+    """FSDP2's all-gather with its output buffers in NCCL symmetric memory, so that NCCL (>= 2.28,
+    zero-CTA policy: NCCL_CTA_POLICY=2, which `init_distributed` sets) moves the shards with the
+    GPUs' copy engines instead of kernels that occupy SMs beside the matmuls."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        symm_mem.set_backend("NCCL")
+        dist.barrier(group=group)  # the communicator must exist before the first rendezvous
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        # One pool of registered memory, reused by every all-gather: registration happens once per segment.
+        with torch.cuda.use_mem_pool(symm_mem.get_mem_pool(device)):
+            return torch.empty(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 async_op: bool = False):
+        # FSDP gathers in place (the input is this rank's slice of the output): register the output only.
+        symm_mem.rendezvous(output_tensor, group=group.group_name)
+        return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+
+
+def init_distributed(device: torch.device, cfg: ParallelismSection | None = None) -> None:
     """Start the process group: NCCL for CUDA tensors, gloo for CPU ones. A single process
     started without torchrun gets a private one-rank group, so every code path is the same."""
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    if cfg is not None and cfg.all_gather == "copy-engine":
+        # NCCL's zero-CTA policy: collectives that can run on copy engines do (read at communicator creation).
+        os.environ.setdefault("NCCL_CTA_POLICY", "2")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ:  # started by torchrun (or an equivalent launcher)
@@ -114,7 +148,7 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
 
     Call on a model built under torch.device("meta"); afterwards `to_empty` + `init_weights`."""
     every = parse_activation_checkpoint(cfg.activation_checkpoint)
-    check_fsdp_options(cfg)
+    check_fsdp_options(cfg, mesh.device_type)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=DTYPES[cfg.reduce_dtype])
     first_kept = len(model.layers) - blocks_kept_gathered(cfg.reshard_after_forward, len(model.layers))
     for index, block in enumerate(list(model.layers)):
@@ -128,3 +162,7 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
     if cfg.compile:  # the loss's softmax and its gradient, fused into two passes over each logits chunk
         model.loss_and_grad = torch.compile(model.loss_and_grad)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if cfg.all_gather == "copy-engine":
+        all_gather = CopyEngineAllGather(mesh.get_group("dp_shard"))
+        for unit in (*model.layers, model):
+            unit.set_custom_all_gather(all_gather)

@@ -184,7 +184,7 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
     try:
         resolve_mesh_shape(cfg.parallelism, info.world_size)
         parse_activation_checkpoint(cfg.parallelism.activation_checkpoint)
-        check_fsdp_options(cfg.parallelism)
+        check_fsdp_options(cfg.parallelism, device.type)
         validate_lr_scheduler(cfg.lr_scheduler, peak_lr=cfg.optimizer.lr, total_steps=cfg.training.steps)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -263,7 +263,7 @@ def train(cfg: JobConfig) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     info = dist_info_from_env()
     model_cfg, plan, device = check_job(cfg, info)
-    init_distributed(device)
+    init_distributed(device, cfg.parallelism)
     try:
         _train(cfg, info, model_cfg, plan, device)
     finally:

@@ -210,6 +210,9 @@ def test_a_signal_in_the_last_step_ends_the_run_complete(corpus, tmp_path, monke
      r"parallelism\.reshard_after_forward must be one of \('default', 'always', 'never', 'keep-last-N'\), "
      r"got 'sometimes'"),
     (lambda tmp, corpus: ["--parallelism.reduce_dtype=float8"], r"parallelism\.reduce_dtype must be one of"),
+    (lambda tmp, corpus: ["--parallelism.all_gather=mpi"], r"parallelism\.all_gather must be one of"),
+    (lambda tmp, corpus: ["--parallelism.all_gather=copy-engine"],
+     r"parallelism\.all_gather=copy-engine needs CUDA devices \(NCCL\), not cpu"),
     (lambda tmp, corpus: ["--optimizer.master_weights=true", "--training.dtype=float32"],
      r"optimizer\.master_weights keeps fp32 masters of a bf16 model: it needs training\.dtype bfloat16"),
     (lambda tmp, corpus: as_cli_args(tiny_overrides(tmp / "run", corpus, **{
@@ -223,7 +226,7 @@ def test_bad_input_fails_before_the_process_group(corpus, tmp_path, monkeypatch,
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: an early process group would wait for rank 1
     monkeypatch.setattr("fms_bamba.train.init_distributed",
-                        lambda device: pytest.fail("process group set up before the input was checked"))
+                        lambda device, cfg: pytest.fail("process group set up before the input was checked"))
     assert cli.main(["train", *make_args(tmp_path, corpus)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fms-bamba train: error: ") and "Traceback" not in err
