@@ -82,14 +82,20 @@ class StepProfiler:
             self.profiler = None
 
 
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """[start, end) intervals merged where they overlap or touch, in order."""
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
 def union_length(intervals: list[tuple[float, float]]) -> float:
     """Total length covered by [start, end) intervals."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
+    return sum(end - start for start, end in merged(intervals))
 
 
 def kernel_kind(name: str) -> str:
@@ -135,13 +141,16 @@ def summarize_trace(path: str | Path, steps: int, top: int = 8) -> str:
         "  kernel time by kind (all streams):",
     ]
     lines += [f"    {kind:<26} {per_step(us):9.1f}" for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])]
-    return "\n".join(lines + stalls(events, kernels, start, top))
+    lines += stalls(events, kernels, spans["compute"] + spans["communication"], spans["compute"], start, top)
+    return "\n".join(lines)
 
 
-def stalls(events: list[dict], kernels: list[dict], start: float, top: int) -> list[str]:
+def stalls(events: list[dict], kernels: list[dict], busy: list[tuple[float, float]],
+           computing: list[tuple[float, float]], start: float, top: int) -> list[str]:
     """The `top` longest stretches where the GPU ran nothing, and where it ran only communication,
     each with the kernels around it and the host code that launched the kernel that ended it: a
-    launch inside the stretch means the GPU waited for the host."""
+    launch inside the stretch means the GPU waited for the host. `busy` and `computing` are the
+    [start, end) intervals of all kernels and of the computation kernels."""
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     host_spans = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("user_annotation", "cpu_op")]
@@ -156,14 +165,11 @@ def stalls(events: list[dict], kernels: list[dict], start: float, top: int) -> l
         names = [next((e["name"] for e in around if e["cat"] == cat), None) for cat in ("user_annotation", "cpu_op")]
         return f"launched at {(launch['ts'] - start) / 1e3:.2f} ms from " + " / ".join(n for n in names if n)
 
-    def stretches(blocking: list[dict]) -> list[tuple[float, float]]:
-        """Gaps between the merged intervals of `blocking` kernels, longest first."""
-        gaps, reach = [], None
-        for s, e in sorted((k["ts"], k["ts"] + k["dur"]) for k in blocking):
-            if reach is not None and s > reach:
-                gaps.append((reach, s))
-            reach = e if reach is None else max(reach, e)
-        return sorted(gaps, key=lambda g: g[0] - g[1])[:top]
+    def stretches(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        """The gaps between the intervals, longest first."""
+        spans = merged(intervals)
+        gaps = [(end, next_start) for (_, end), (next_start, _) in zip(spans, spans[1:])]
+        return sorted(gaps, key=lambda gap: gap[0] - gap[1])[:top]
 
     def describe(gaps: list[tuple[float, float]]) -> list[str]:
         out = []
@@ -176,9 +182,8 @@ def stalls(events: list[dict], kernels: list[dict], start: float, top: int) -> l
                        f"before {after['name'][:60] if after else '-'} ({launched_from(after) if after else '-'})")
         return out
 
-    compute = [k for k in kernels if kernel_kind(k["name"]) != "communication"]
-    return (["  longest stretches with no kernel running (of the whole window):"] + describe(stretches(kernels))
-            + ["  longest stretches with no computation running:"] + describe(stretches(compute)))
+    return (["  longest stretches with no kernel running (of the whole window):"] + describe(stretches(busy))
+            + ["  longest stretches with no computation running:"] + describe(stretches(computing)))
 
 
 if __name__ == "__main__":
