@@ -9,7 +9,8 @@ On CPU (a smoke run of the same code, reference path only):
    relative L2 error must stay within --tolerance or 3x the bf16 reference path's own error.
 2. Forward+backward time of one Mamba-2 mixer (kernels and reference), one attention mixer, one
    SwiGLU MLP and one block of each kind, at the preset's shapes, batch 1, bf16.
-3. Forward+backward of the whole model at the first sequence length, with its MFU on that GPU.
+3. Forward+backward of the whole model at the first sequence length (batch --full-batch; --compile:
+   compiled as the trainer compiles it), with its MFU on that GPU: the step without FSDP or optimizer.
 """
 
 from __future__ import annotations
@@ -134,20 +135,27 @@ def layer_timings(config: BambaConfig, seq_len: int, device: torch.device, iters
         print(f"{name:<40} {time_fwd_bwd(fn, device, iters):9.2f} ms")
 
 
-def full_model(config: BambaConfig, seq_len: int, device: torch.device, iters: int) -> None:
-    print(f"\n## whole model forward+backward (loss), seq {seq_len}, batch 1, bf16 params, no FSDP")
+def full_model(config: BambaConfig, seq_len: int, device: torch.device, iters: int, batch: int = 1,
+               compile: bool = False) -> None:
+    """The step's computation alone: what the trainer adds on top (FSDP, optimizer) is the rest."""
+    how = "each block and the loss compiled as the trainer does" if compile else "eager"
+    print(f"\n## whole model forward+backward (loss), seq {seq_len}, batch {batch}, bf16 params, no FSDP, {how}")
     torch.manual_seed(0)
     with torch.device(device):
         model = Bamba(config)
     model = model.to(torch.bfloat16)
-    ids = torch.randint(0, config.vocab_size, (1, seq_len), device=device)
+    if compile:  # as apply_parallelism with parallelism.compile
+        for block in model.layers:
+            block.compile()
+        model.loss_and_grad = torch.compile(model.loss_and_grad)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
 
     def step():
         model(ids, labels=ids).backward()
         model.zero_grad(set_to_none=True)
 
     ms = time_fwd_bwd(step, device, iters)
-    tokens_per_s = seq_len / (ms / 1e3)
+    tokens_per_s = batch * seq_len / (ms / 1e3)
     mfu = tokens_per_s * num_flops_per_token(config, seq_len) / PEAK_BF16_FLOPS
     print(f"{ms:.1f} ms/step, {tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%} (peak {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s)")
     if device.type == "cuda":
@@ -162,6 +170,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--tolerance", type=float, default=2e-2)
     parser.add_argument("--no-full-model", action="store_true")
+    parser.add_argument("--full-batch", type=int, default=1, help="the whole model's batch size")
+    parser.add_argument("--compile", action="store_true", help="the whole model compiled as the trainer does")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,7 +183,7 @@ def main() -> None:
     for seq_len in args.seq_lens:
         layer_timings(config, seq_len, device, args.iters)
     if not args.no_full_model:
-        full_model(config, args.seq_lens[0], device, args.iters)
+        full_model(config, args.seq_lens[0], device, args.iters, args.full_batch, args.compile)
     raise SystemExit(0 if ok else 1)
 
 
