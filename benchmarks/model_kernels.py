@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+import typing
 
 import torch
 
+from fms_bamba.config import _coerce
 from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
 from fms_bamba.model.kernels import kernels_available
 
@@ -172,15 +174,20 @@ def main() -> None:
     parser.add_argument("--no-full-model", action="store_true")
     parser.add_argument("--full-batch", type=int, default=1, help="the whole model's batch size")
     parser.add_argument("--compile", action="store_true", help="the whole model compiled as the trainer does")
+    parser.add_argument("--full-model-only", action="store_true", help="skip the check and the per-layer times")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="BambaConfig fields over the preset")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = BambaConfig.from_preset(args.preset, max_seq_len=max(args.seq_lens + [args.check_seq_len]))
+    hints = typing.get_type_hints(BambaConfig)
+    for field, _, value in (item.partition("=") for item in args.set):  # typed as the job config's overrides
+        config = dataclasses.replace(config, **{field: _coerce(value, hints[field], field, " (--set)")})
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     print(f"preset {args.preset}: hidden {config.hidden_size}, Mamba-2 {config.mamba_n_heads}x{config.mamba_head_dim}, "
           f"d_state {config.mamba_d_state}, chunk {config.mamba_chunk_size}")
-    ok = check_kernels(config, args.check_seq_len, device, args.tolerance)
-    for seq_len in args.seq_lens:
+    ok = args.full_model_only or check_kernels(config, args.check_seq_len, device, args.tolerance)
+    for seq_len in [] if args.full_model_only else args.seq_lens:
         layer_timings(config, seq_len, device, args.iters)
     if not args.no_full_model:
         full_model(config, args.seq_lens[0], device, args.iters, args.full_batch, args.compile)
