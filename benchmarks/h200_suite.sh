@@ -22,7 +22,10 @@
 # gate and up fused or not, the SSD chunk size; benchmarks/step_parts.py), all-gather-check (FSDP's
 # all-gather on NCCL's kernels and on copy engines, alone and beside a matmul;
 # benchmarks/all_gather_check.py), bamba-9b-copy-engine (the kept configuration with
-# parallelism.all_gather=nccl, then as kept, copy-engine, plus $CE_SET). Default: the first five.
+# parallelism.all_gather=nccl, then as kept, copy-engine, plus $CE_SET), compute-9b (one GPU: Bamba-9B's forward+backward at
+# micro-batch 2 without FSDP or optimizer, compiled as the trainer does, then eager;
+# benchmarks/model_kernels.py), compute-9b-variants (the same, compiled, as kept and with a larger loss chunk,
+# SSD chunk 128, inductor's coordinate-descent tuning). Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
 # output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
@@ -130,6 +133,17 @@ for group in $groups; do
       bench 9b-power 300 $torchrun2 $final9b
       kill $sampler
       python benchmarks/power_summary.py "$out/9b-power.csv" | tee "$out/9b-power.txt" ;;
+    compute-9b)  # one GPU: the kept step's computation alone (micro-batch 2, compiled; then eager), no FSDP or optimizer
+      for how in --compile ""; do
+        bench model-9b-mb2${how:+-compiled} 300 python benchmarks/model_kernels.py --seq-lens 4096 --full-batch 2 $how
+        grep -E "^(##|[0-9.]+ ms/step)" "$out/model-9b-mb2${how:+-compiled}.log"
+      done ;;
+    compute-9b-variants)  # one GPU: the computation alone, compiled, as kept and with one change each
+      floor="python benchmarks/model_kernels.py --seq-lens 4096 --full-batch 2 --compile --full-model-only"
+      bench compute-9b 240 $floor
+      bench compute-9b-loss-chunk-8192 150 $floor --set loss_chunk_tokens=8192
+      bench compute-9b-ssd-chunk-128 200 $floor --set mamba_chunk_size=128
+      TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench compute-9b-coordinate-descent 200 $floor ;;
     step-parts)
       bench step-parts 400 python benchmarks/step_parts.py
       grep -v -i warn "$out/step-parts.log" ;;
