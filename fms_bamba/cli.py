@@ -16,16 +16,29 @@ commands:
 
 `fms-bamba train` with no arguments trains the tiny model on the built-in Python-stdlib corpus."""
 
+TRAIN_HELP = """usage: fms-bamba train [CONFIG] [--section.field=value ...]
+
+Trains, or resumes the run in job.run_dir from its latest complete checkpoint. CONFIG is a YAML
+file of the sections below; any field can also be set on the command line (the value is read as
+YAML: --training.steps=10, --data.datasets=[a,b], --model.vocab_size=null). The values shown are
+the built-in defaults, or CONFIG's where it is given. Under torchrun:
+`torchrun --nproc_per_node=N -m fms_bamba.cli train CONFIG ...`.
+"""
+
 
 def train_command(argv: list[str]) -> int:
     """train [CONFIG] [--section.field=value ...]: train, or resume the run in job.run_dir."""
-    from fms_bamba.config import ConfigError, load_job_config
+    from fms_bamba.config import ConfigError, describe_job_config, load_job_config
     from fms_bamba.train import TrainingDiverged, train
 
     def run(config: str | None = None, **overrides) -> None:
         train(load_job_config(config, overrides))
 
     try:
+        if "--help" in argv or "-h" in argv:
+            config = next((arg for arg in argv if not arg.startswith("-")), None)
+            print(TRAIN_HELP + describe_job_config(load_job_config(config)))
+            return 0
         fire.Fire(run, command=argv, name="fms-bamba train")
     except ConfigError as err:
         print(f"fms-bamba train: error: {err}", file=sys.stderr)

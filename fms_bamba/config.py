@@ -3,8 +3,10 @@ overridable from the command line as ``--section.field=value``."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import os
 import types
 import typing
@@ -241,6 +243,37 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def save_job_config(cfg: JobConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML that `load_job_config` reads back to an equal config."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's one-line docstring (the string literal under it in the class body), by name."""
+    body = ast.parse(inspect.getsource(cls).lstrip()).body[0].body
+    return {node.target.id: " ".join(after.value.value.split())
+            for node, after in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)}
+
+
+def describe_job_config(cfg: JobConfig | None = None) -> str:
+    """Every field of JobConfig, section by section, with its value in `cfg` (default: the
+    built-in defaults) and its docstring: what `fms-bamba train [CONFIG] --help` prints."""
+    lines: list[str] = []
+
+    def describe(value: Any, prefix: str) -> None:
+        docs = field_docs(type(value))
+        for item in dataclasses.fields(value):
+            key, default = f"{prefix}{item.name}", getattr(value, item.name)
+            if dataclasses.is_dataclass(default):  # a section, or a section inside one
+                lines.append(f"\n{key}: {docs.get(item.name, '')}")
+                describe(default, f"{key}.")
+                continue
+            text = yaml.safe_dump(default, default_flow_style=True, width=10**6).strip()
+            lines.append(f"  --{key}={text.removesuffix('...').strip()}")
+            lines.append(f"      {docs.get(item.name, '')}")
+
+    describe(cfg or JobConfig(), "")
+    return "\n".join(lines)
 
 
 def _override_items(overrides: Mapping[str, Any] | Sequence[str]):

@@ -1,11 +1,14 @@
 """The job config: every YAML in configs/ loads, overrides convert, bad input names the problem."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fms_bamba.config import ConfigError, JobConfig, config_to_dict, load_job_config, save_job_config
+from fms_bamba import cli
+from fms_bamba.config import (ConfigError, JobConfig, config_to_dict, field_docs, load_job_config,
+                             save_job_config)
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -117,3 +120,38 @@ def test_bad_config_names_the_problem(tmp_path, text, overrides, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match=r"config file .*nope\.yaml does not exist"):
         load_job_config(tmp_path / "nope.yaml")
+
+
+def dotted_fields(value, prefix=""):
+    """(dotted key, owning dataclass, field name) of every leaf field of a config, nested sections included."""
+    for item in dataclasses.fields(value):
+        child = getattr(value, item.name)
+        if dataclasses.is_dataclass(child):
+            yield from dotted_fields(child, f"{prefix}{item.name}.")
+        else:
+            yield f"{prefix}{item.name}", type(value), item.name
+
+
+def test_every_field_has_a_one_line_docstring():
+    sections = [JobConfig] + [type(getattr(JobConfig(), f.name)) for f in dataclasses.fields(JobConfig)]
+    for cls in sections + [owner for _, owner, _ in dotted_fields(JobConfig())]:
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+def test_train_help_lists_every_field_with_its_value_and_docstring(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: fms-bamba train [CONFIG]")
+    for key, owner, name in dotted_fields(JobConfig()):
+        assert f"\n  --{key}=" in text, key
+        assert field_docs(owner)[name] in text, key
+    assert "\n  --training.steps=300\n" in text and "\n  --model.vocab_size=null\n" in text
+
+    # With a config, its values; and a missing config is the usual error, not a traceback.
+    assert cli.main(["train", str(CONFIGS[0].parent / "bamba-9b-stage1.yaml"), "-h"]) == 0
+    text = capsys.readouterr().out
+    assert "\n  --model.preset=bamba-9b\n" in text and "\n  --training.steps=1271566\n" in text
+    assert cli.main(["train", "missing.yaml", "--help"]) == 2
+    assert "config file missing.yaml does not exist" in capsys.readouterr().err
