@@ -139,6 +139,14 @@ class TokenDataLoader:
             self.samples_seen += self.world_size * self.micro_batch_size
             yield dict(zip(BATCH_KEYS, packed.unbind(0)))
 
+    def reading_plan(self, samples_end: int) -> list[dict[str, Any]]:
+        """Per dataset, what the job has read once `samples_end` global samples are consumed:
+        name, weight, tokens on disk (one epoch), tokens read and the epochs they make."""
+        consumed = self._samples.mapper.tokens_consumed(samples_end)
+        return [{"name": name, "weight": weight, "epoch_tokens": stream.epoch_tokens, "tokens": tokens,
+                 "epochs": tokens / stream.epoch_tokens}
+                for name, weight, stream, tokens in zip(self.plan.names, self.plan.weights, self.streams, consumed)]
+
     def state_dict(self) -> dict[str, Any]:
         """Job-wide progress: identical on every rank that took the same number of steps."""
         mapper = self._samples.mapper

@@ -263,7 +263,7 @@ def train(cfg: JobConfig) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     info = dist_info_from_env()
     model_cfg, plan, device = check_job(cfg, info)
-    init_distributed(device, cfg.parallelism)
+    init_distributed(device)
     try:
         _train(cfg, info, model_cfg, plan, device)
     finally:
@@ -365,6 +365,11 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
                   f"global batch {plan.global_batch_sequences} x {cfg.training.seq_len} tokens "
                   f"({plan.grad_accum_steps} micro-batches per rank), steps {state.step + 1}..{cfg.training.steps}, "
                   f"run dir {run_dir}", flush=True)
+            # What the whole run reads of each source: a source that would repeat is seen before the run starts.
+            for source in data_loader.reading_plan(cfg.training.steps * plan.global_batch_sequences):
+                print(f"  data {source['name']} (weight {source['weight']:.4g}): reads {source['tokens']:,} of its "
+                      f"{source['epoch_tokens']:,} tokens by step {cfg.training.steps} "
+                      f"({source['epochs']:.3g} epochs)", flush=True)
 
         flops_per_token = num_flops_per_token(model_cfg, cfg.training.seq_len)
         peak_flops = device_peak_flops(device, cfg.metrics.peak_tflops)

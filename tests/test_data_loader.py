@@ -279,6 +279,26 @@ def test_token_shares_track_weights_over_a_million_tokens(corpus):
         assert abs(tokens[name] / total - weight) < 0.01 * weight
 
 
+def test_reading_plan_is_what_the_loader_then_reads(corpus):
+    """The plan for N samples, made before any batch, equals the state after N samples, dataset by
+    dataset, and counts the windows each dataset really supplied."""
+    cfg = config(corpus, weights=[5.0, 3.0, 2.0], bos_token_id=None, eos_token_id=None, shuffle_buffer=0)
+    loader = build_dataloader(cfg, rank=0, world_size=1, seq_len=63, micro_batch_size=8)
+    plan = loader.reading_plan(8 * 25)
+    windows = Counter()
+    for step, batch in enumerate(loader, start=1):
+        windows.update(dataset_of_window(corpus, window) for window in windows_of(batch))
+        if step == 25:
+            break
+    state = loader.state_dict()["datasets"]
+    assert [source["name"] for source in plan] == ["a", "b", "c"]
+    for source, read in zip(plan, state):
+        assert source["tokens"] == read["tokens_consumed"] == windows[source["name"]] * 64
+        assert source["epoch_tokens"] == read["epoch_tokens"]
+        assert source["epochs"] == pytest.approx(read["tokens_consumed"] / read["epoch_tokens"])
+    assert [windows[name] for name in "abc"] == [100, 60, 40]
+
+
 def test_changed_weights_added_dataset_and_seq_len_continue_each_stream(corpus):
     two = config(corpus, datasets=["a", "b"], weights=[1.0, 1.0])
     three = config(corpus, weights=[1.0, 1.0, 2.0], num_workers=2)

@@ -143,6 +143,20 @@ def test_two_process_grad_accumulation_matches_one_process(two_process_run, corp
     assert one[-1]["loss"] < one[0]["loss"]
 
 
+def test_start_shows_what_the_run_reads_of_each_source(corpus, tmp_path, capsys):
+    """The reading plan printed before step 1 is what the last checkpoint says was read."""
+    run_dir = tmp_path / "run"
+    train(load_job_config(None, tiny_overrides(run_dir, corpus, **{"training.steps": 3, "checkpoint.interval": 3,
+                                                                   "lr_scheduler.warmup_steps": 1})))
+    meta = json.loads((run_dir / "checkpoints" / "step-00000003" / "meta.json").read_text())
+    (source,) = meta["data_loader"]["datasets"]
+    assert source["tokens_consumed"] == 3 * 4 * 65  # steps x sequences x (seq_len + 1)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  data "))
+    epochs = source["tokens_consumed"] / source["epoch_tokens"]
+    assert line == (f"  data {source['name']} (weight 1): reads {source['tokens_consumed']:,} of its "
+                    f"{source['epoch_tokens']:,} tokens by step 3 ({epochs:.3g} epochs)")
+
+
 def test_nan_loss_is_skipped_and_reported(corpus, tmp_path, capsys):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(run_dir, corpus, **{
@@ -226,7 +240,7 @@ def test_bad_input_fails_before_the_process_group(corpus, tmp_path, monkeypatch,
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: an early process group would wait for rank 1
     monkeypatch.setattr("fms_bamba.train.init_distributed",
-                        lambda device, cfg: pytest.fail("process group set up before the input was checked"))
+                        lambda device: pytest.fail("process group set up before the input was checked"))
     assert cli.main(["train", *make_args(tmp_path, corpus)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fms-bamba train: error: ") and "Traceback" not in err
