@@ -263,7 +263,7 @@ def train(cfg: JobConfig) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     info = dist_info_from_env()
     model_cfg, plan, device = check_job(cfg, info)
-    init_distributed(device)
+    init_distributed(device, cfg.parallelism)
     try:
         _train(cfg, info, model_cfg, plan, device)
     finally:

@@ -240,7 +240,7 @@ def test_bad_input_fails_before_the_process_group(corpus, tmp_path, monkeypatch,
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: an early process group would wait for rank 1
     monkeypatch.setattr("fms_bamba.train.init_distributed",
-                        lambda device: pytest.fail("process group set up before the input was checked"))
+                        lambda device, cfg: pytest.fail("process group set up before the input was checked"))
     assert cli.main(["train", *make_args(tmp_path, corpus)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fms-bamba train: error: ") and "Traceback" not in err
