@@ -75,6 +75,8 @@ class TrainingSection:
     """Stop with an error after this many optimizer steps in a row had a non-finite loss or gradient."""
     device: str = "auto"
     """auto (CUDA when available) | cuda | cpu."""
+    gc_interval: int = 50
+    """Python's automatic garbage collection off; collect every N steps, at the same step on every rank (0 = automatic)."""
     debug_nan_at_steps: list[int] = field(default_factory=list)
     """Test hook: make the loss NaN at these steps (1-based) to exercise step skipping."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import secrets
 import sys
@@ -204,6 +205,8 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
         raise ConfigError(f"training.max_consecutive_skips must be >= 1, got {cfg.training.max_consecutive_skips}")
     if cfg.training.max_grad_norm < 0:
         raise ConfigError(f"training.max_grad_norm must be >= 0, got {cfg.training.max_grad_norm}")
+    if cfg.training.gc_interval < 0:
+        raise ConfigError(f"training.gc_interval must be >= 0, got {cfg.training.gc_interval}")
     if cfg.metrics.log_interval < 1:
         raise ConfigError(f"metrics.log_interval must be >= 1, got {cfg.metrics.log_interval}")
     if cfg.profiling.start_step < 1 or cfg.profiling.steps < 1:
@@ -294,6 +297,26 @@ def build_model(model_cfg: BambaConfig, mesh: DeviceMesh, cfg: JobConfig, device
     return model, weights
 
 
+class GarbageCollection:
+    """Python's automatic collection off for the run, and a collection every `interval` steps
+    instead: an automatic one pauses whichever rank allocates at the wrong moment, and the other
+    ranks then wait for it at the next collective. Every rank collects at the same step."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        if interval:
+            gc.disable()
+            gc.collect()
+
+    def step(self, step: int) -> None:
+        if self.interval and step % self.interval == 0:
+            gc.collect(1)  # the young generations: what the steps since the last one allocated
+
+    def close(self) -> None:
+        if self.interval:
+            gc.enable()
+
+
 def train_step(model: Bamba, optimizer: torch.optim.Optimizer, batches, *, plan: BatchPlan, cfg: JobConfig,
                device: torch.device, hsdp: bool, poison: bool,
                update: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -377,6 +400,8 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
         batches = iter(data_loader)
         profiler = StepProfiler(cfg.profiling, run_dir, info.rank, first_step=state.step + 1)
         cleanup.callback(profiler.close)
+        garbage = GarbageCollection(cfg.training.gc_interval)
+        cleanup.callback(garbage.close)
         interval_start, interval_steps = time.perf_counter(), 0
         # Sum and count of the finite step losses since the last record, kept on the device.
         interval_loss, interval_finite = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -395,6 +420,7 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
             logger.advance()
             interval_steps += 1
             interval_start += profiler.after_step(step)  # the trace's export is not training time
+            garbage.step(step)
 
             last = step == cfg.training.steps
             if step % cfg.metrics.log_interval == 0 or last:

@@ -1,6 +1,7 @@
 """The trainer end to end on CPU: a 2-process gloo run, gradient accumulation across ranks, NaN
 skipping, the built-in corpus, bad input before any process group, the plot command."""
 
+import gc
 import gzip
 import json
 import os
@@ -157,6 +158,23 @@ def test_start_shows_what_the_run_reads_of_each_source(corpus, tmp_path, capsys)
                     f"{source['epoch_tokens']:,} tokens by step 3 ({epochs:.3g} epochs)")
 
 
+def test_garbage_is_collected_every_n_steps_with_automatic_collection_off(corpus, tmp_path, monkeypatch):
+    collections = []  # (generation, automatic collection on?) of each collection the trainer asks for
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collections.append((generation, gc.isenabled()))
+                        or collect(generation))
+    train(load_job_config(None, tiny_overrides(tmp_path / "run", corpus, **{
+        "training.steps": 5, "training.gc_interval": 2, "lr_scheduler.warmup_steps": 1, "checkpoint.enable": False})))
+    trainer_calls = [call for call in collections if call[0] in (1, 2)]
+    assert trainer_calls[0] == (2, False)  # a full collection once automatic collection is off
+    assert trainer_calls.count((1, False)) == 2  # steps 2 and 4
+    assert gc.isenabled()  # back on after the run
+    collections.clear()
+    train(load_job_config(None, tiny_overrides(tmp_path / "auto", corpus, **{
+        "training.steps": 3, "training.gc_interval": 0, "lr_scheduler.warmup_steps": 1, "checkpoint.enable": False})))
+    assert (1, False) not in collections and (1, True) not in collections
+
+
 def test_nan_loss_is_skipped_and_reported(corpus, tmp_path, capsys):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(run_dir, corpus, **{
@@ -232,6 +250,7 @@ def test_a_signal_in_the_last_step_ends_the_run_complete(corpus, tmp_path, monke
     (lambda tmp, corpus: as_cli_args(tiny_overrides(tmp / "run", corpus, **{
         "optimizer.master_weights": True, "training.global_batch_sequences": 16})),
      r"optimizer\.master_weights keeps gradients in bf16, too coarse to accumulate 2 micro-batches per step"),
+    (lambda tmp, corpus: ["--training.gc_interval=-1"], r"training\.gc_interval must be >= 0, got -1"),
     (lambda tmp, corpus: ["--profiling.steps=0"], r"profiling\.start_step and profiling\.steps must be >= 1"),
     (lambda tmp, corpus: ["--profiling.enable=true", "--profiling.start_step=299", "--profiling.steps=3"],
      r"profiling: steps 299\.\.301 run past training\.steps \(300\)"),
