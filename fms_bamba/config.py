@@ -265,12 +265,12 @@ def describe_job_config(cfg: JobConfig | None = None) -> str:
     def describe(value: Any, prefix: str) -> None:
         docs = field_docs(type(value))
         for item in dataclasses.fields(value):
-            key, default = f"{prefix}{item.name}", getattr(value, item.name)
-            if dataclasses.is_dataclass(default):  # a section, or a section inside one
+            key, current = f"{prefix}{item.name}", getattr(value, item.name)
+            if dataclasses.is_dataclass(current):  # a section, or a section inside one
                 lines.append(f"\n{key}: {docs.get(item.name, '')}")
-                describe(default, f"{key}.")
+                describe(current, f"{key}.")
                 continue
-            text = yaml.safe_dump(default, default_flow_style=True, width=10**6).strip()
+            text = yaml.safe_dump(current, default_flow_style=True, width=10**6).strip()
             lines.append(f"  --{key}={text.removesuffix('...').strip()}")
             lines.append(f"      {docs.get(item.name, '')}")
 
