@@ -25,6 +25,7 @@ import torch
 from fms_bamba.config import _coerce
 from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
 from fms_bamba.model.kernels import kernels_available
+from fms_bamba.parallel import compile_model
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 dense bf16
 
@@ -146,10 +147,8 @@ def full_model(config: BambaConfig, seq_len: int, device: torch.device, iters: i
     with torch.device(device):
         model = Bamba(config)
     model = model.to(torch.bfloat16)
-    if compile:  # as apply_parallelism with parallelism.compile
-        for block in model.layers:
-            block.compile()
-        model.loss_and_grad = torch.compile(model.loss_and_grad)
+    if compile:
+        compile_model(model)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
 
     def step():

@@ -141,6 +141,15 @@ def build_mesh(cfg: ParallelismSection, device: torch.device) -> DeviceMesh:
     return init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
 
 
+def compile_model(model: torch.nn.Module) -> None:
+    """`torch.compile` each decoder block (as wrapped) and the loss's elementwise part, in place:
+    what `parallelism.compile` compiles, for the trainer and for benchmarks of the model alone."""
+    for block in model.layers:
+        block.compile()
+    # The loss's softmax and its gradient, fused into two passes over each logits chunk.
+    model.loss_and_grad = torch.compile(model.loss_and_grad)
+
+
 def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: ParallelismSection, *,
                       param_dtype: torch.dtype = torch.float32) -> None:
     """Activation checkpointing, then compile (of each block and the loss's elementwise part), then
@@ -151,16 +160,15 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
     check_fsdp_options(cfg, mesh.device_type)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=DTYPES[cfg.reduce_dtype])
     first_kept = len(model.layers) - blocks_kept_gathered(cfg.reshard_after_forward, len(model.layers))
-    for index, block in enumerate(list(model.layers)):
-        if every and index % every == 0:
+    if every:
+        for index in range(0, len(model.layers), every):
             # checkpoint_wrapper's prefix is stripped from state_dict and DCP keys alike.
-            block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-        if cfg.compile:
-            block.compile()
+            model.layers[index] = checkpoint_wrapper(model.layers[index],
+                                                     checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    if cfg.compile:
+        compile_model(model)
+    for index, block in enumerate(model.layers):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < first_kept)
-        model.layers[index] = block
-    if cfg.compile:  # the loss's softmax and its gradient, fused into two passes over each logits chunk
-        model.loss_and_grad = torch.compile(model.loss_and_grad)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if cfg.all_gather == "copy-engine":
         all_gather = CopyEngineAllGather(mesh.get_group("dp_shard"))

@@ -1,9 +1,11 @@
-"""apply_parallelism's FSDP2 options on one CPU process: which blocks keep their gathered
-parameters between forward and backward."""
+"""apply_parallelism on one CPU process: which blocks it checkpoints, compiles and shards, and
+which keep their gathered parameters between forward and backward."""
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from fms_bamba.config import ParallelismSection
@@ -51,3 +53,17 @@ def test_reduce_dtype_reaches_every_fsdp_unit(process_group, reduce_dtype, expec
     for unit in [*model.layers, model]:
         policy = unit._get_fsdp_state()._mp_policy
         assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, expected)
+
+
+def test_checkpointing_and_compile_wrap_the_blocks_they_name(process_group):
+    config = BambaConfig.from_preset("tiny", n_layers=5, attn_layer_indices=(1,))
+    with torch.device("meta"):
+        model = Bamba(config)
+    loss_and_grad = model.loss_and_grad
+    cfg = ParallelismSection(activation_checkpoint="every-2", compile=True)
+    apply_parallelism(model, build_mesh(cfg, torch.device("cpu")), cfg)
+    assert [isinstance(block, CheckpointWrapper) for block in model.layers] == [True, False, True, False, True]
+    assert all(block._compiled_call_impl is not None for block in model.layers)
+    assert all(isinstance(unit, FSDPModule) for unit in (*model.layers, model))
+    assert model.loss_and_grad is not loss_and_grad  # the compiled loss replaced the eager one
+    assert not any("checkpoint_wrapped" in name or "_orig_mod" in name for name in model.state_dict())
