@@ -63,10 +63,12 @@ def parse_modes(modes: str | tuple | list) -> list[str]:
 
 
 def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-checkpoint-bench",
-         repeats: int = 2, modes: str = "sync,async", discard: bool = False, **overrides) -> None:
+         repeats: int = 2, modes: str = "sync,async", discard: bool = False, prepare: bool = True,
+         **overrides) -> None:
     """modes: comma-separated saves to time, of sync, async (written by a thread) and async_process
     (written by DCP's checkpoint process); discard: delete each checkpoint once timed (a disk with
-    room for one only, e.g. Bamba-9B's 117 GB)."""
+    room for one only, e.g. Bamba-9B's 117 GB); prepare: allocate the async modes' host buffers
+    before the warm-up steps, as the trainer does (False: at the first save, as before)."""
     modes = parse_modes(modes)
     cfg = load_job_config(config, overrides)
     info = dist_info_from_env()
@@ -114,8 +116,17 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         return bool(agreed.item())
 
-    for _ in range(2):  # warm-up; creates the optimizer's moments
-        train_step()
+    async_modes = [m for m in modes if m != "sync"]
+    async_ckpts = {mode: manager(MODES[mode], out_dir / mode) for mode in async_modes}
+    prepare_start = time.perf_counter()
+    if prepare:
+        for async_ckpt in async_ckpts.values():
+            async_ckpt.prepare_staging()
+    warmup_s = [train_step() for _ in range(2)]  # the first compiles, when compiling
+    for async_ckpt in async_ckpts.values():  # the allocation queued on each stager's thread
+        if async_ckpt.stager is not None:
+            async_ckpt.stager.executor.submit(lambda: None).result()
+    prepared_s = time.perf_counter() - prepare_start
     step_time = min(train_step() for _ in range(3))
 
     def discard_checkpoints(folder: Path) -> float:
@@ -136,9 +147,8 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
             train_step()
 
     async_results = {}
-    for mode in (m for m in modes if m != "sync"):
+    for mode, async_ckpt in async_ckpts.items():
         blocked, total, overlapped_steps = [], [], []
-        async_ckpt = manager(MODES[mode], out_dir / mode)
         for _ in range(repeats):
             start = time.perf_counter()
             blocked.append(timed(lambda: async_ckpt.save(state.step)))
@@ -152,7 +162,7 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
             size_gb = discard_checkpoints(out_dir / mode)
             train_step()
         async_ckpt.close()  # the host buffers (and async_process's daemon) served every repeat, as in a run
-        async_results.update({  # the first repeat includes allocating the buffers (and spawning the daemon)
+        async_results.update({  # the first repeat spawns async_process's daemon; allocates the buffers without prepare
             f"{mode}_blocked_s": [round(t, 3) for t in blocked],
             f"{mode}_write_s": [round(t, 3) for t in total],
             f"steps_during_{mode}_write": [len(times) for times in overlapped_steps],
@@ -167,7 +177,10 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
     result = {
         "config": config, "preset": cfg.model.preset, "world_size": info.world_size, "device": device.type,
         "parameters": sum(p.numel() for p in model.parameters()), "checkpoint_gb": round(size_gb, 3),
-        "step_s": round(step_time, 4), "modes": modes,
+        "step_s": round(step_time, 4), "modes": modes, "prepare": prepare,
+        "warmup_step_s": [round(t, 2) for t in warmup_s],
+        # From prepare_staging (or the warm-up's start) until the buffers exist and both warm-up steps ran.
+        "prepared_s": round(prepared_s, 2),
         "sync_save_s": [round(t, 3) for t in sync_times],
         "sync_gb_per_s": round(size_gb / min(sync_times), 3) if sync_times else None,
         **async_results,

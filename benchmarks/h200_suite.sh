@@ -16,7 +16,8 @@
 # reshard_after_forward=keep-last-N, N in $KEEP_LAST, default "8 16"), checkpoint-9b (one async save of
 # Bamba-9B's 117 GB while training for each mode in $CKPT_MODES, default "async,async_process":
 # written by a thread, then by DCP's checkpoint process; $CKPT_REPEATS saves of each, default 1; plus the
-# overrides in $CKPT_SET), bamba-9b-power (the kept configuration with both GPUs' SM clock and power
+# overrides in $CKPT_SET; host buffers allocated before the warm-up unless CKPT_PREPARE=False), checkpoint-1b-prepare
+# (one GPU: bamba-1b's async saves with the host buffers allocated at the first save, then at the start), bamba-9b-power (the kept configuration with both GPUs' SM clock and power
 # sampled every 0.5 s by nvidia-smi: OUT_DIR/9b-power.csv, summarised by benchmarks/power_summary.py),
 # step-parts (one GPU: each matmul of a step with cuBLAS and cuBLASLt, weight layouts, the MLP with
 # gate and up fused or not, the SSD chunk size; benchmarks/step_parts.py), all-gather-check (FSDP's
@@ -113,11 +114,16 @@ for group in $groups; do
       NCCL_PROTO=${NCCL_PROTO_SET:-Simple} bench 9b-final-nccl-proto 240 $torchrun2 $final9b ${PROTO_SET:-} ;;
     checkpoint-1b-async)  # $CKPT_REPEATS async saves of each mode, on one GPU: the host buffers reused
       bench 1b-checkpoint-async 300 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench \
-        --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-2} --discard=True ;;
+        --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-2} --discard=True --prepare=${CKPT_PREPARE:-True} ;;
+    checkpoint-1b-prepare)  # one GPU: the host buffers allocated at the first save, then at the start (as the trainer does)
+      for prepare in False True; do
+        bench 1b-checkpoint-prepare-$prepare 300 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench \
+          --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-2} --discard=True --prepare=$prepare
+      done ;;
     checkpoint-9b)  # $CKPT_REPEATS saves of each mode in $CKPT_MODES (default: 1 by a thread, then 1 by the process)
       bench 9b-checkpoint 580 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml --out=/tmp/ckpt-bench-9b \
         --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-1} --discard=True --training.micro_batch_size=2 \
-        --parallelism.activation_checkpoint=none --parallelism.reduce_dtype=bfloat16 ${CKPT_SET:-} ;;
+        --parallelism.activation_checkpoint=none --parallelism.reduce_dtype=bfloat16 --prepare=${CKPT_PREPARE:-True} ${CKPT_SET:-} ;;
     all-gather-check)  # FSDP's all-gather on NCCL's kernels vs copy engines, beside a matmul
       for engine in nccl copy-engine; do
         bench all-gather-$engine 120 $torchrun2 benchmarks/all_gather_check.py --all-gather $engine

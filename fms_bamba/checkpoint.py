@@ -574,7 +574,7 @@ class CheckpointManager:
         # A CPU group for barriers and async saves, so neither syncs the GPU stream (as torchtitan).
         self.cpu_group = dist.new_group(backend="gloo") if self.distributed else None
         self.pending: tuple[Future, Path, Path, dict] | None = None  # (write, tmp dir, final dir, meta)
-        self.stager: HostStager | None = None  # async modes' copy into host memory, made at the first save
+        self.stager: HostStager | None = None  # async modes' copy into host memory (`_stager`)
         self.staging: Future | None = None  # the copy of an async save into host memory, while it runs
         self.staging_hook = None
         if cfg.enable and cfg.async_mode == "async_process" and not self.distributed:
@@ -601,8 +601,6 @@ class CheckpointManager:
         meta = self._meta(step)
         state = self._tensor_state()
         process = self.cfg.async_mode == "async_process"
-        if process and self.stager is None:
-            _prepare_shared_staging(state)  # before any rank allocates
         if self.rank == 0:
             if tmp_dir.exists():  # left by a run killed while writing this step
                 shutil.rmtree(tmp_dir)
@@ -613,16 +611,15 @@ class CheckpointManager:
             # "async" writes on a thread of this process; "async_process" hands the staged state
             # to DCP's checkpoint process (spawned at the first save, kept for the next; a gloo
             # group of its own), which writes it with its own interpreter; the buffers are in
-            # shared memory, so nothing is copied on the way. With the buffers kept from the first
-            # save on, a later save cost Bamba-9B 3.6 s of training that way (docs/performance.md).
-            if self.stager is None:
-                self.stager = HostStager(shared=process)
+            # shared memory, so nothing is copied on the way. With the buffers kept from one save
+            # to the next, a save cost Bamba-9B 3.6 s of training that way (docs/performance.md).
+            stager = self._stager(state)
             if torch.cuda.is_available():  # the staging stream must copy this step's update (on any stream)
                 torch.cuda.synchronize()
             spawns = process and _dcp_process._CHECKPOINT_PROCESS is None  # this save starts the daemon
             with _threads_started_here_block_preemption_signals() if spawns else contextlib.nullcontext():
                 response = dcp.async_save(state, checkpoint_id=tmp_dir, process_group=self.cpu_group,
-                                          async_stager=self.stager, no_dist=not self.distributed,
+                                          async_stager=stager, no_dist=not self.distributed,
                                           async_checkpointer_type=AsyncCheckpointerType.PROCESS if process
                                           else AsyncCheckpointerType.THREAD)
             self.staging = response.staging_completion
@@ -639,6 +636,29 @@ class CheckpointManager:
                 self._prune()
                 logger.info("checkpoint step %d: saved in %.2fs", step, time.perf_counter() - start)
         self.last_saved_step = step
+
+    def prepare_staging(self) -> None:
+        """Start allocating, on the stager's thread, the host memory async saves copy the state
+        into (the first save waits for it); collective. Pinning that
+        memory is slow and slows the steps it runs beside: here it overlaps the first step's
+        compilation rather than the steps of the run's first save. Nothing without an async mode."""
+        # An optimizer whose state is made lazily, at its first step, would get it here from DCP
+        # by a step at lr 0, which counts in AdamW's bias correction: such a run allocates at its
+        # first save instead (build_optimizer's AdamW has its state from the start).
+        if self.cfg.enable and self.cfg.async_mode != "disabled" and self.optimizer.state:
+            state = self._tensor_state()
+            self._stager(state).reserve(state)
+
+    def _stager(self, state: dict[str, Any]) -> HostStager:
+        """The async modes' stager, made for `state` the first time (checking /dev/shm and the
+        open-file limit first for async_process); collective then."""
+        if self.stager is None:
+            process = self.cfg.async_mode == "async_process"
+            if process:
+                _prepare_shared_staging(state)
+                self._barrier()  # every rank checked /dev/shm before any allocates in it
+            self.stager = HostStager(shared=process)
+        return self.stager
 
     def wait_for_staging(self) -> None:
         """Block until an async save's copy into host memory is done (before weights change)."""

@@ -29,8 +29,22 @@ def build_optimizer(model: nn.Module, cfg: OptimizerSection, *, weights: nn.Modu
             raise ValueError("optimizer.master_weights: pass the masters (build_model's weights) as `weights`")
         return MasterWeightAdamW(model, weights, cfg)
     groups = optimizer_param_groups(model, cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, fused=True)
+    init_adamw_state(optimizer)
+    return optimizer
+
+
+def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
+    """Create AdamW's state as its first step would (step 0, zero moments), so that the state
+    exists before any step: a checkpoint loads into it, and its host copy can be allocated at the
+    start of a run (`CheckpointManager.prepare_staging`). DCP would otherwise make it with a step
+    at lr 0, which counts as step 1 in the bias correction."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            optimizer.state[param] = {
+                "step": torch.zeros((), dtype=torch.float32, device=param.device),  # fused AdamW's dtype
+                "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
 
 
 def master_weights(model: Bamba) -> Bamba:
@@ -107,9 +121,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         super().__init__(optimizer_param_groups(weights, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                          eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
         self.param_of = {master: param for master, param in paired_parameters(model, weights)}
-        for master in self.param_of:  # present from the start: a checkpoint loads into it
-            self.state[master] = {"step": torch.zeros((), dtype=torch.float32, device=master.device),
-                                  "exp_avg": torch.zeros_like(master), "exp_avg_sq": torch.zeros_like(master)}
+        init_adamw_state(self)
         cuda = next(iter(self.param_of)).device.type == "cuda"
         self.update = torch.compile(adamw_with_masters, fullgraph=True) if cuda else adamw_with_masters
 

@@ -1,5 +1,6 @@
 """Host memory for async checkpoints: the copy of the training state that a save writes, held in
-buffers allocated at the first save and reused by every later one.
+buffers allocated once per run (at the start of training, or else at the first save) and reused by
+every save.
 
 Why our own stager rather than DCP's DefaultStager: on torch 2.11 that one frees its buffers after
 every copy, so each save pinned the whole state again (58.7 GB per rank at Bamba-9B on 2 GPUs), and
@@ -30,9 +31,9 @@ PIN_MIN_BYTES = 1 << 20
 which CUDA refuses to register twice."""
 
 
-def _host_buffer(like: torch.Tensor, *, pin: bool, shared: bool) -> torch.Tensor:
-    """An uninitialised CPU tensor shaped like `like`, in shared memory and/or page-locked."""
-    buffer = torch.empty(like.shape, dtype=like.dtype)
+def _host_buffer(shape: torch.Size, dtype: torch.dtype, *, pin: bool, shared: bool) -> torch.Tensor:
+    """An uninitialised CPU tensor, in shared memory and/or page-locked."""
+    buffer = torch.empty(shape, dtype=dtype)
     if shared:
         buffer.share_memory_()
     if pin and buffer.nbytes >= PIN_MIN_BYTES:
@@ -53,7 +54,8 @@ class HostStager(AsyncStager):
     DTensor's local shard) into its host buffer on a CUDA stream of its own, beside training. The
     caller must keep the source tensors unchanged until the Future is done (the trainer's
     optimizer step waits for it). A buffer is reallocated only when its key's shape or dtype
-    changes (the few bytes of the Python RNG state)."""
+    changes (the few bytes of the Python RNG state). `reserve` allocates the buffers ahead of the
+    first save, on the same thread, so a save queued behind it finds them made."""
 
     _synchronize_after_execute = False  # the trainer waits on the Future before the next update
 
@@ -69,6 +71,15 @@ class HostStager(AsyncStager):
     def stage(self, state_dict: dict[str, Any]) -> Future:
         self.future = self.executor.submit(self._copy, dict(state_dict))
         return self.future
+
+    def reserve(self, state_dict: dict[str, Any]) -> Future:
+        """Allocate (and pin) the buffers `stage(state_dict)` will fill, on the stager's thread;
+        returns at once. Registering pages with CUDA is what made a run's first save cost several
+        times a later one (docs/performance.md); done at the start of a run it overlaps the first
+        step's compilation instead of the steps beside a save."""
+        shapes = {key: (local_shard(value).shape, value.dtype) for key, value in state_dict.items()
+                  if isinstance(value, torch.Tensor)}
+        return self.executor.submit(lambda: [self._buffer(key, *like) for key, like in shapes.items()])
 
     def synchronize_staging(self) -> None:
         if self.future is not None:
@@ -88,9 +99,7 @@ class HostStager(AsyncStager):
                     staged[key] = copy.deepcopy(value)
                     continue
                 local = local_shard(value)
-                buffer = self.buffers.get(key)
-                if buffer is None or buffer.shape != local.shape or buffer.dtype != local.dtype:
-                    buffer = self.buffers[key] = _host_buffer(local, pin=self.pin, shared=self.shared)
+                buffer = self._buffer(key, local.shape, local.dtype)
                 buffer.copy_(local, non_blocking=self.pin)
                 # The same sharding over the same mesh, with the shard in host memory (as DCP's own
                 # stager leaves it), so the save plan and the files are those of the device state.
@@ -98,4 +107,11 @@ class HostStager(AsyncStager):
         if self.stream is not None:
             self.stream.synchronize()
         return staged
+
+    def _buffer(self, key: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """The host buffer of `key`, (re)allocated unless it has this shape and dtype."""
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self.buffers[key] = _host_buffer(shape, dtype, pin=self.pin, shared=self.shared)
+        return buffer
 

@@ -376,6 +376,7 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
         cleanup.callback(preemption.close)
         if ckpt.load() and weights is not model:
             copy_to_model(weights, model)
+        ckpt.prepare_staging()  # async saves' host memory, allocated beside the first step
         if not state.wandb_run_id:
             state.wandb_run_id = shared_run_id(info)
         logger = MetricsLogger(cfg.metrics, run_dir, rank=info.rank, total_steps=cfg.training.steps,

@@ -357,6 +357,38 @@ def test_async_saves_reuse_their_host_buffers(tmp_path):
         assert_same(load_tensors(tmp_path / "checkpoints" / f"step-{step:08d}", prefix="model."), states[step])
 
 
+def test_host_buffers_made_at_the_start_serve_the_first_save(tmp_path):
+    """prepare_staging allocates the async saves' host buffers before any save, without touching
+    the optimizer (its step count stays 0), and the first save fills those same buffers with its
+    own step's state. An optimizer without state yet is left alone: allocation waits for the
+    first save, as DCP could only make the state by a step."""
+    from fms_bamba.optim import init_adamw_state
+
+    lazy = build(seed=15)
+    ckpt = manager(tmp_path / "lazy", lazy, interval=1, async_mode="async")
+    ckpt.prepare_staging()
+    assert ckpt.stager is None and not lazy[1].state
+    ckpt.close()
+
+    parts = build(seed=15)
+    init_adamw_state(parts[1])
+    ckpt = manager(tmp_path / "run", parts, interval=1, async_mode="async")
+    ckpt.prepare_staging()
+    ckpt.stager.synchronize_staging()  # no save yet: waits for nothing
+    ckpt.stager.executor.submit(lambda: None).result()  # the allocation queued before it
+    reserved = dict(ckpt.stager.buffers)
+    assert {k for k in reserved if k.startswith("optimizer.state.")} and {k for k in reserved if k.startswith("model.")}
+    assert all(state["step"].item() == 0 for state in parts[1].state.values())
+    train_step(*parts)
+    expected = full_state(*parts[:2])
+    ckpt.save(1)
+    ckpt.wait_for_staging()
+    assert all(ckpt.stager.buffers[k] is buffer for k, buffer in reserved.items() if not k.startswith("rng."))
+    ckpt.close()
+    saved = load_tensors(tmp_path / "run" / "checkpoints" / "step-00000001", prefix="")
+    assert_same({k: saved[k] for k in expected}, expected)
+
+
 @pytest.fixture
 def process_group():
     """A one-rank gloo group, as the trainer starts without torchrun."""

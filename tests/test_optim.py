@@ -113,6 +113,28 @@ def test_found_inf_skips_the_update():
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def test_adamw_state_exists_before_the_first_step_and_changes_nothing():
+    """build_optimizer's AdamW holds its state from the start (a checkpoint loads into it; its
+    host copy is allocated before a save); three steps of it equal torch's fused AdamW whose state
+    is made at its first step, to the bit."""
+    models = [tiny_model(), tiny_model()]
+    optimizers = [build_optimizer(models[0], OptimizerSection(lr=1e-2)),
+                  torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                                     for g in build_optimizer(models[1], OptimizerSection()).param_groups],
+                                    lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)]
+    assert optimizers[1].state == {} and len(optimizers[0].state) == len(list(models[0].parameters()))
+    assert all(s["step"].item() == 0 and not s["exp_avg"].any() for s in optimizers[0].state.values())
+    for step in range(3):
+        ids = torch.randint(0, 4096, (2, 17), generator=torch.Generator().manual_seed(step))
+        for model, optimizer in zip(models, optimizers):
+            model(ids[:, :-1], labels=ids[:, 1:]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name
+        assert all(torch.equal(optimizers[0].state[a][k], optimizers[1].state[b][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
 @pytest.mark.parametrize("max_grad_norm", [0.05, 1e6, 0.0])  # clipped, under the limit, clipping off
 def test_clipping_inside_the_fused_step_matches_clip_grad_norm(max_grad_norm):
     """The trainer clips through the fused AdamW's grad_scale; three steps of it must equal
