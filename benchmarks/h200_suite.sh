@@ -17,7 +17,8 @@
 # Bamba-9B's 117 GB while training for each mode in $CKPT_MODES, default "async,async_process":
 # written by a thread, then by DCP's checkpoint process; $CKPT_REPEATS saves of each, default 1; plus the
 # overrides in $CKPT_SET; host buffers allocated before the warm-up unless CKPT_PREPARE=False), checkpoint-1b-prepare
-# (one GPU: bamba-1b's async saves with the host buffers allocated at the first save, then at the start), bamba-9b-power (the kept configuration with both GPUs' SM clock and power
+# (one GPU: bamba-1b's async saves with the host buffers allocated at the first save, then at the start),
+# trainer-1b-async-ckpt (one GPU: the trainer, bamba-1b, an async save every 100 steps, tokens/s per 10 steps), bamba-9b-power (the kept configuration with both GPUs' SM clock and power
 # sampled every 0.5 s by nvidia-smi: OUT_DIR/9b-power.csv, summarised by benchmarks/power_summary.py),
 # step-parts (one GPU: each matmul of a step with cuBLAS and cuBLASLt, weight layouts, the MLP with
 # gate and up fused or not, the SSD chunk size; benchmarks/step_parts.py), all-gather-check (FSDP's
@@ -115,6 +116,13 @@ for group in $groups; do
     checkpoint-1b-async)  # $CKPT_REPEATS async saves of each mode, on one GPU: the host buffers reused
       bench 1b-checkpoint-async 300 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench \
         --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-2} --discard=True --prepare=${CKPT_PREPARE:-True} ;;
+    trainer-1b-async-ckpt)  # one GPU: the trainer with an async save every 100 steps (a write takes ~30 s, 80 steps); tokens/s of every 10-step interval
+      bench 1b-trainer-async-ckpt 400 python benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 300 \
+        --log-interval 10 --workdir /tmp/b1c --set checkpoint.enable=true checkpoint.interval=100 checkpoint.async_mode=async \
+        checkpoint.keep_last=1
+      grep -h "checkpoint step\|waited" "$out/1b-trainer-async-ckpt.log"
+      python -c "import json,sys; [print(r['step'], round(r['tokens_per_sec_per_gpu'])) for r in map(json.loads, open(sys.argv[1]))]" \
+        /tmp/b1c/run/metrics.jsonl | tee "$out/1b-trainer-async-ckpt-intervals.txt" ;;
     checkpoint-1b-prepare)  # one GPU: the host buffers allocated at the first save, then at the start (as the trainer does)
       for prepare in False True; do
         bench 1b-checkpoint-prepare-$prepare 300 python benchmarks/checkpoint.py configs/bamba-1b.yaml --out=/tmp/ckpt-bench \

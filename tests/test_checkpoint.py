@@ -357,6 +357,42 @@ def test_async_saves_reuse_their_host_buffers(tmp_path):
         assert_same(load_tensors(tmp_path / "checkpoints" / f"step-{step:08d}", prefix="model."), states[step])
 
 
+def test_async_commit_and_pruning_run_beside_training(tmp_path, monkeypatch):
+    """Rank 0 commits an async save and deletes the checkpoints past keep_last on a thread of its
+    own, so the training thread's save() calls never wait for them; close() waits, and the run
+    ends with the newest checkpoint committed and the older one gone."""
+    import threading
+
+    import fms_bamba.checkpoint as checkpoint
+
+    threads, release = [], threading.Event()
+    commit = checkpoint._commit
+
+    def slow_commit(*args):
+        threads.append(threading.current_thread())
+        assert release.wait(30)
+        commit(*args)
+
+    monkeypatch.setattr(checkpoint, "_commit", slow_commit)
+    parts = build(seed=16)
+    ckpt = manager(tmp_path, parts, interval=1, keep_last=1, async_mode="async")
+    train_step(*parts)
+    ckpt.save(1)
+    for _ in range(20):  # the write finishes, then its commit waits on `release`
+        if threads:
+            break
+        time.sleep(0.1)
+    assert threads and threads[0] is not threading.main_thread()
+    train_step(*parts)  # training goes on while rank 0 commits
+    assert ckpt.writing and not (tmp_path / "checkpoints" / "step-00000001").exists()
+    release.set()
+    ckpt.wait_for_write()
+    ckpt.save(2)
+    ckpt.close()
+    assert [c.step for c in list_checkpoints(tmp_path) if c.complete] == [2]  # step 1 pruned on that thread
+    assert len(threads) == 2 and all(t is not threading.main_thread() for t in threads)
+
+
 def test_host_buffers_made_at_the_start_serve_the_first_save(tmp_path):
     """prepare_staging allocates the async saves' host buffers before any save, without touching
     the optimizer (its step count stays 0), and the first save fills those same buffers with its
