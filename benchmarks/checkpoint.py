@@ -119,13 +119,10 @@ def main(config: str = "configs/bamba-1b.yaml", out: str = "/tmp/fms-bamba-check
     async_modes = [m for m in modes if m != "sync"]
     async_ckpts = {mode: manager(MODES[mode], out_dir / mode) for mode in async_modes}
     prepare_start = time.perf_counter()
-    if prepare:
-        for async_ckpt in async_ckpts.values():
-            async_ckpt.prepare_staging()
+    allocations = [async_ckpt.prepare_staging() for async_ckpt in async_ckpts.values()] if prepare else []
     warmup_s = [train_step() for _ in range(2)]  # the first compiles, when compiling
-    for async_ckpt in async_ckpts.values():  # the allocation queued on each stager's thread
-        if async_ckpt.stager is not None:
-            async_ckpt.stager.executor.submit(lambda: None).result()
+    for allocation in allocations:
+        allocation.result()
     prepared_s = time.perf_counter() - prepare_start
     step_time = min(train_step() for _ in range(3))
 

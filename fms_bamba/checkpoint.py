@@ -629,7 +629,6 @@ class CheckpointManager:
                 if self.committer is None:
                     self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
                 self.pending = self.committer.submit(self._commit_after, self.pending, tmp_dir, final_dir, meta)
-            if self.rank == 0:
                 logger.info("checkpoint step %d: training blocked %.2fs starting the async save",
                             step, time.perf_counter() - start)
         else:
@@ -642,17 +641,18 @@ class CheckpointManager:
                 logger.info("checkpoint step %d: saved in %.2fs", step, time.perf_counter() - start)
         self.last_saved_step = step
 
-    def prepare_staging(self) -> None:
+    def prepare_staging(self) -> Future | None:
         """Start allocating, on the stager's thread, the host memory async saves copy the state
-        into (the first save waits for it); collective. Pinning that
-        memory is slow and slows the steps it runs beside: here it overlaps the first step's
-        compilation rather than the steps of the run's first save. Nothing without an async mode."""
+        into; collective. Returns the allocation's Future (the first save waits for it anyway), or
+        None without an async mode. Pinning that memory is slow and slows the steps beside it:
+        here it overlaps the first step's compilation rather than the steps of the first save."""
         # An optimizer whose state is made lazily, at its first step, would get it here from DCP
         # by a step at lr 0, which counts in AdamW's bias correction: such a run allocates at its
         # first save instead (build_optimizer's AdamW has its state from the start).
-        if self.cfg.enable and self.cfg.async_mode != "disabled" and self.optimizer.state:
-            state = self._tensor_state()
-            self._stager(state).reserve(state)
+        if not (self.cfg.enable and self.cfg.async_mode != "disabled" and self.optimizer.state):
+            return None
+        state = self._tensor_state()
+        return self._stager(state).reserve(state)
 
     def _stager(self, state: dict[str, Any]) -> HostStager:
         """The async modes' stager, made for `state` the first time (checking /dev/shm and the

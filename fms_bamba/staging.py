@@ -114,4 +114,3 @@ class HostStager(AsyncStager):
         if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
             buffer = self.buffers[key] = _host_buffer(shape, dtype, pin=self.pin, shared=self.shared)
         return buffer
-
