@@ -376,7 +376,6 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
         cleanup.callback(preemption.close)
         if ckpt.load() and weights is not model:
             copy_to_model(weights, model)
-        ckpt.prepare_staging()  # async saves' host memory, allocated beside the first step
         if not state.wandb_run_id:
             state.wandb_run_id = shared_run_id(info)
         logger = MetricsLogger(cfg.metrics, run_dir, rank=info.rank, total_steps=cfg.training.steps,
@@ -399,6 +398,9 @@ def _train(cfg: JobConfig, info: DistInfo, model_cfg: BambaConfig, plan: BatchPl
         peak_flops = device_peak_flops(device, cfg.metrics.peak_tflops)
         nan_steps = set(cfg.training.debug_nan_at_steps)
         batches = iter(data_loader)
+        # Async saves' host memory, allocated beside the first step; after the loader's workers are
+        # forked, so that no fork happens while the stager's thread holds a lock.
+        ckpt.prepare_staging()
         profiler = StepProfiler(cfg.profiling, run_dir, info.rank, first_step=state.step + 1)
         cleanup.callback(profiler.close)
         garbage = GarbageCollection(cfg.training.gc_interval)
