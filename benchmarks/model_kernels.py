@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-import typing
 
 import torch
 
-from fms_bamba.config import _coerce
+from fms_bamba.config import replace_fields
 from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
 from fms_bamba.model.kernels import kernels_available
 from fms_bamba.parallel import compile_model
@@ -179,9 +178,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = BambaConfig.from_preset(args.preset, max_seq_len=max(args.seq_lens + [args.check_seq_len]))
-    hints = typing.get_type_hints(BambaConfig)
-    for field, _, value in (item.partition("=") for item in args.set):  # typed as the job config's overrides
-        config = dataclasses.replace(config, **{field: _coerce(value, hints[field], field, " (--set)")})
+    config = replace_fields(config, args.set, where=" (--set)")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     print(f"preset {args.preset}: hidden {config.hidden_size}, Mamba-2 {config.mamba_n_heads}x{config.mamba_head_dim}, "
           f"d_state {config.mamba_d_state}, chunk {config.mamba_chunk_size}")

@@ -278,6 +278,12 @@ def describe_job_config(cfg: JobConfig | None = None) -> str:
     return "\n".join(lines)
 
 
+def replace_fields(base: Any, overrides: Sequence[str], *, where: str = "") -> Any:
+    """A copy of the dataclass `base` with `field=value` overrides applied, each value read and
+    typed as the job config's are (unknown fields are errors naming the closest one)."""
+    return _build(type(base), dict(_override_items(overrides)), prefix="", where=where, base=base)
+
+
 def _override_items(overrides: Mapping[str, Any] | Sequence[str]):
     if isinstance(overrides, Mapping):
         yield from overrides.items()

@@ -155,3 +155,16 @@ def test_train_help_lists_every_field_with_its_value_and_docstring(capsys):
     assert "\n  --model.preset=bamba-9b\n" in text and "\n  --training.steps=1271566\n" in text
     assert cli.main(["train", "missing.yaml", "--help"]) == 2
     assert "config file missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_replace_fields_types_overrides_of_any_dataclass():
+    """`--set field=value` of the benchmarks: values typed as the job config's, unknown names refused."""
+    from fms_bamba.config import ConfigError, replace_fields
+    from fms_bamba.model import BambaConfig
+
+    base = BambaConfig.from_preset("tiny")
+    config = replace_fields(base, ["loss_chunk_tokens=32", "norm_eps=1e-6", "bos_token_id=null"])
+    assert (config.loss_chunk_tokens, config.norm_eps, config.bos_token_id) == (32, 1e-6, None)
+    assert config.hidden_size == base.hidden_size
+    with pytest.raises(ConfigError, match="did you mean loss_chunk_tokens"):
+        replace_fields(base, ["loss_chunk=32"])
