@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from fms_bamba.config import ParallelismSection
-from fms_bamba.parallel import CopyEngineAllGather, init_distributed
+from fms_bamba.parallel import CopyEngineAllGather, build_mesh, init_distributed, zero_cta_shard_group
 
 
 def cuda_ms(fn, repeats: int, stream: torch.cuda.Stream | None = None) -> float:
@@ -46,9 +46,11 @@ def main() -> None:
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    init_distributed(device, ParallelismSection(all_gather=args.all_gather))  # as the trainer starts it
+    cfg = ParallelismSection(all_gather=args.all_gather)
+    init_distributed(device, cfg)  # as the trainer starts it
     group = dist.group.WORLD
-    copy_engine = CopyEngineAllGather(group) if args.all_gather == "copy-engine" else None
+    copy_engine = (CopyEngineAllGather(zero_cta_shard_group(build_mesh(cfg, device)))
+                   if args.all_gather == "copy-engine" else None)
     gather = copy_engine or (lambda output, input, group: dist.all_gather_into_tensor(output, input, group=group))
 
     shard = args.numel // world

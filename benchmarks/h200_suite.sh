@@ -27,7 +27,9 @@
 # parallelism.all_gather=nccl, then as kept, copy-engine, plus $CE_SET), compute-9b (one GPU: Bamba-9B's forward+backward at
 # micro-batch 2 without FSDP or optimizer, compiled as the trainer does, then eager;
 # benchmarks/model_kernels.py), compute-9b-variants (the same, compiled, as kept and with a larger loss chunk,
-# SSD chunk 128, inductor's coordinate-descent tuning). Default: the first five.
+# SSD chunk 128, inductor's coordinate-descent tuning), copy-engine-1gpu (one GPU: bamba-1b's trainer with
+# parallelism.all_gather=copy-engine, then all-gather-check, on one rank; with NCCL_CTA_POLICY=0 or 1 in the
+# environment, the all-gathers on a zero-CTA communicator of their own). Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
 # output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
@@ -131,6 +133,13 @@ for group in $groups; do
       bench 9b-checkpoint 580 $torchrun2 benchmarks/checkpoint.py configs/bamba-9b-stage1.yaml --out=/tmp/ckpt-bench-9b \
         --modes=${CKPT_MODES:-async,async_process} --repeats=${CKPT_REPEATS:-1} --discard=True --training.micro_batch_size=2 \
         --parallelism.activation_checkpoint=none --parallelism.reduce_dtype=bfloat16 --prepare=${CKPT_PREPARE:-True} ${CKPT_SET:-} ;;
+    copy-engine-1gpu)  # one GPU: the copy-engine path's set-up and gathers on a one-rank communicator
+      bench 1b-copy-engine-1gpu 400 torchrun --standalone --nproc_per_node=1 benchmarks/train.py --preset bamba-1b $seq \
+        --micro-batch-size 2 --steps 20 --log-interval 5 --workdir /tmp/b1ce --set parallelism.all_gather=copy-engine
+      grep -E "step +[0-9]+|loss" "$out/1b-copy-engine-1gpu.log" | tail -4
+      bench all-gather-copy-engine-1gpu 120 torchrun --standalone --nproc_per_node=1 benchmarks/all_gather_check.py \
+        --all-gather copy-engine
+      grep -E "all-gather |Error" "$out/all-gather-copy-engine-1gpu.log" ;;
     all-gather-check)  # FSDP's all-gather on NCCL's kernels vs copy engines, beside a matmul
       for engine in nccl copy-engine; do
         bench all-gather-$engine 120 $torchrun2 benchmarks/all_gather_check.py --all-gather $engine

@@ -97,12 +97,32 @@ def check_fsdp_options(cfg: ParallelismSection, device_type: str) -> None:
         raise ValueError(f"parallelism.all_gather=copy-engine needs CUDA devices (NCCL), not {device_type}")
 
 
+ZERO_CTA_POLICY = 2
+"""NCCL_CTA_POLICY_ZERO: the communicator runs collectives on copy engines, with no CTAs, where it can."""
+
+
+def zero_cta_shard_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """The communicator for the copy-engine all-gathers over this rank's "dp_shard" ranks: the
+    mesh's own when every communicator is zero-CTA already (NCCL_CTA_POLICY=2, `init_distributed`'s
+    default), else one of its own created with that policy, so that NCCL_CTA_POLICY=0|1 gives the
+    reduce-scatters another policy without taking the all-gathers off the copy engines. Every rank
+    must call it."""
+    if os.environ.get("NCCL_CTA_POLICY") == str(ZERO_CTA_POLICY):
+        return mesh.get_group("dp_shard")
+    options = dist.ProcessGroupNCCL.Options()
+    options.config.cta_policy = ZERO_CTA_POLICY
+    rows = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]).tolist()  # "dp_shard" is build_mesh's last dim
+    group, _ = dist.new_subgroups_by_enumeration(rows, backend="nccl", pg_options=options)
+    return group
+
+
 class CopyEngineAllGather(AllGather):
-    """FSDP2's all-gather with its output buffers in NCCL symmetric memory, so that NCCL (>= 2.28,
-    zero-CTA policy: NCCL_CTA_POLICY=2, which `init_distributed` sets) moves the shards with the
-    GPUs' copy engines instead of kernels that occupy SMs beside the matmuls."""
+    """FSDP2's all-gather with its output buffers in NCCL symmetric memory, on a zero-CTA
+    communicator (`zero_cta_shard_group`), so that NCCL (>= 2.28) moves the shards with
+    the GPUs' copy engines instead of kernels that occupy SMs beside the matmuls."""
 
     def __init__(self, group: dist.ProcessGroup):
+        self.group = group
         symm_mem.set_backend("NCCL")
         dist.barrier(group=group)  # the communicator must exist before the first rendezvous
 
@@ -113,9 +133,10 @@ class CopyEngineAllGather(AllGather):
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  async_op: bool = False):
+        # FSDP passes its mesh group; ours has the same ranks in the same order (or is that group).
         # FSDP gathers in place (the input is this rank's slice of the output): register the output only.
-        symm_mem.rendezvous(output_tensor, group=group.group_name)
-        return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+        symm_mem.rendezvous(output_tensor, group=self.group.group_name)
+        return dist.all_gather_into_tensor(output_tensor, input_tensor, group=self.group, async_op=async_op)
 
 
 def init_distributed(device: torch.device, cfg: ParallelismSection | None = None) -> None:
@@ -123,8 +144,10 @@ def init_distributed(device: torch.device, cfg: ParallelismSection | None = None
     started without torchrun gets a private one-rank group, so every code path is the same."""
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if cfg is not None and cfg.all_gather == "copy-engine":
-        # NCCL's zero-CTA policy: collectives that can run on copy engines do (read at communicator creation).
-        os.environ.setdefault("NCCL_CTA_POLICY", "2")
+        # Every communicator's default policy, zero-CTA unless the environment says otherwise: the
+        # all-gathers' own communicator has it anyway (zero_cta_shard_group); this one decides the
+        # reduce-scatters' (0 default, 1 efficiency, 2 zero-CTA: fewer SMs for longer).
+        os.environ.setdefault("NCCL_CTA_POLICY", str(ZERO_CTA_POLICY))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ:  # started by torchrun (or an equivalent launcher)
@@ -171,6 +194,6 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < first_kept)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if cfg.all_gather == "copy-engine":
-        all_gather = CopyEngineAllGather(mesh.get_group("dp_shard"))
+        all_gather = CopyEngineAllGather(zero_cta_shard_group(mesh))
         for unit in (*model.layers, model):
             unit.set_custom_all_gather(all_gather)
