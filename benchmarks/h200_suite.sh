@@ -29,7 +29,9 @@
 # benchmarks/model_kernels.py), compute-9b-variants (the same, compiled, as kept and with a larger loss chunk,
 # SSD chunk 128, inductor's coordinate-descent tuning), copy-engine-1gpu (one GPU: bamba-1b's trainer with
 # parallelism.all_gather=copy-engine, then all-gather-check, on one rank; with NCCL_CTA_POLICY=0 or 1 in the
-# environment, the all-gathers on a zero-CTA communicator of their own). Default: the first five.
+# environment, the all-gathers on a zero-CTA communicator of their own), bamba-9b-cta-policy (the kept
+# configuration with NCCL_CTA_POLICY in $CTA_POLICIES, default "2 0 1": 2 is as kept, 0 and 1 give the
+# reduce-scatters NCCL's default or efficiency policy, the all-gathers staying zero-CTA). Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
 # output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
@@ -148,6 +150,10 @@ for group in $groups; do
     bamba-9b-copy-engine)  # the kept configuration without and with copy-engine all-gathers, one call
       bench 9b-final-nccl 240 $torchrun2 $final9b parallelism.all_gather=nccl
       bench 9b-final-copy-engine 300 $torchrun2 $final9b ${CE_SET:-} ;;
+    bamba-9b-cta-policy)  # the kept configuration, the reduce-scatters under each NCCL_CTA_POLICY in $CTA_POLICIES
+      for policy in ${CTA_POLICIES:-2 0 1}; do
+        NCCL_CTA_POLICY=$policy bench 9b-final-cta-$policy 300 $torchrun2 $final9b
+      done ;;
     bamba-9b-power)  # the kept configuration, with clocks and power sampled: is the step held back by the power limit?
       nvidia-smi --query-gpu=index,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.sw_power_cap \
         --format=csv -lms 500 > "$out/9b-power.csv" &
