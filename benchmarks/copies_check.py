@@ -1,0 +1,101 @@
+"""FSDP2's per-block copies on SM kernels against the GPU's copy engines, on one GPU, at the size
+of one Bamba-9B Mamba-2 block sharded over --world ranks (default 2):
+
+    python benchmarks/copies_check.py [--world 2] [--repeats 20]
+
+FSDP2 copies each block's parameter shards into the all-gather buffer before every all-gather
+(`_foreach_copy_`, an SM kernel) and each block's gradients into the reduce-scatter buffer
+before every reduce-scatter (`_chunk_cat`, an SM kernel). The same copies can be made as one
+`cudaMemcpyAsync` per contiguous piece (`Tensor.copy_` of contiguous tensors), which the copy
+engines carry with no SM. For each way this prints its time alone, the GPU work it launches
+(kernels or memcpys), and how much slower a bf16 8192^3 matmul runs beside it than alone: what
+the copy engines would win back for the matmuls.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from all_gather_check import cuda_ms  # this folder's: event-timed mean over repeats
+from fms_bamba import fsdp_copies
+from fms_bamba.model import Bamba, BambaConfig
+
+
+def block_shapes(preset: str) -> list[torch.Size]:
+    """The parameter shapes of the preset's first block (a Mamba-2 block)."""
+    with torch.device("meta"):
+        model = Bamba(BambaConfig.from_preset(preset))
+    return [p.shape for p in model.layers[0].parameters()]
+
+
+def launched(fn) -> list[str]:
+    """The distinct GPU activities (kernels and memcpys) one call of fn launches."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted({e.name[:60] for e in prof.events() if e.device_type.name == "CUDA"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="bamba-9b")
+    parser.add_argument("--world", type=int, default=2, help="ranks the block is sharded over")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    device, dtype, world = torch.device("cuda"), torch.bfloat16, args.world
+    numels = [s.numel() for s in block_shapes(args.preset)]
+    shard_numels = [-(-n // world) for n in numels]  # FSDP pads dim 0; the numel is what matters here
+
+    # All-gather copy-in: each parameter's shard into its place in this rank's part of the buffer.
+    shards = [torch.randn(n, device=device, dtype=dtype) for n in shard_numels]
+    gathered = torch.empty(world, sum(shard_numels), device=device, dtype=dtype)
+    copy_in_args = (shards, gathered.view(-1), shard_numels, sum(shard_numels), 0)
+    # All-gather copy-out: the gathered [world, shard numel] buffer into each parameter's [world, n].
+    params = [torch.empty(world, n, device=device, dtype=dtype) for n in shard_numels]
+    # Reduce-scatter copy-in: row r of every full gradient side by side in row r of the buffer.
+    grads = [torch.randn(n * world, device=device, dtype=dtype) for n in shard_numels]
+    scatter_in = torch.empty(world, sum(shard_numels), device=device, dtype=dtype)
+    ways = {  # name: (torch's kernel, ours: a memcpy per contiguous piece), the copies FSDP2 makes
+        "gather copy-in": (lambda: torch.ops.fsdp.all_gather_copy_in(*copy_in_args),
+                           lambda: fsdp_copies.all_gather_copy_in(*copy_in_args)),
+        "gather copy-out": (lambda: torch.split_with_sizes_copy(gathered, shard_numels, dim=1, out=params),
+                            lambda: fsdp_copies.split_with_sizes_copy(gathered, shard_numels, 1, out=params)),
+        "scatter copy-in": (lambda: torch._chunk_cat(grads, 0, world, out=scatter_in),
+                            lambda: fsdp_copies.chunk_cat(grads, 0, world, out=scatter_in)),
+    }
+    for name, (kernel, ours) in ways.items():  # both ways must write the same bytes
+        outputs = {"gather copy-in": [gathered], "gather copy-out": params, "scatter copy-in": [scatter_in]}[name]
+        results = []
+        for fn in (kernel, ours):
+            for t in outputs:
+                t.zero_()
+            fn()
+            results.append([t.clone() for t in outputs])
+        expected, outputs = results
+        assert all(torch.equal(t, e) for t, e in zip(outputs, expected)), f"{name}: copies differ"
+
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    matmul_ms = cuda_ms(lambda: a @ a, args.repeats)
+    side = torch.cuda.Stream()
+    print(f"{args.preset} block 0, {len(numels)} parameters, {sum(numels) / 1e6:.0f} M elements, world {world}; "
+          f"matmul alone {matmul_ms:.3f} ms", flush=True)
+    for name, (kernel, ours) in ways.items():
+        for how, fn in (("torch's kernel", kernel), ("copy engines", ours)):
+            alone = cuda_ms(fn, args.repeats, side)
+            moved = 2 * sum(shard_numels) * (1 if name == "gather copy-in" else world) * 2  # bytes read + written
+            torch.cuda.synchronize()
+            with torch.cuda.stream(side):  # copies queued on a side stream for as long as the matmuls run
+                for _ in range(args.repeats * (1 + round(matmul_ms / alone))):
+                    fn()
+            beside = cuda_ms(lambda: a @ a, args.repeats)
+            torch.cuda.synchronize()
+            kinds = launched(fn)
+            print(f"{name:16s} {how:15s} {alone:6.3f} ms ({moved / alone / 1e6:5.0f} GB/s), matmul beside it "
+                  f"{beside:6.3f} ms (+{(beside / matmul_ms - 1) * 100:4.1f}%), launches: {kinds[:3]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
