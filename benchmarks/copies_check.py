@@ -3,13 +3,14 @@ of one Bamba-9B Mamba-2 block sharded over --world ranks (default 2):
 
     python benchmarks/copies_check.py [--world 2] [--repeats 20]
 
-FSDP2 copies each block's parameter shards into the all-gather buffer before every all-gather
-(`_foreach_copy_`, an SM kernel) and each block's gradients into the reduce-scatter buffer
-before every reduce-scatter (`_chunk_cat`, an SM kernel). The same copies can be made as one
-`cudaMemcpyAsync` per contiguous piece (`Tensor.copy_` of contiguous tensors), which the copy
-engines carry with no SM. For each way this prints its time alone, the GPU work it launches
-(kernels or memcpys), and how much slower a bf16 8192^3 matmul runs beside it than alone: what
-the copy engines would win back for the matmuls.
+Around each unit's collectives FSDP2 copies the parameter shards into the all-gather buffer
+(beside the computation, on a stream of its own), the gathered rows out into each parameter and
+the gradients' rows into the reduce-scatter buffer (both on the computation's stream), each with
+a torch kernel on SMs. The same copies can be made as one `cudaMemcpyAsync` per contiguous piece
+(`Tensor.copy_` of contiguous tensors), which the copy engines carry with no SM. For each way this
+prints its time alone, the GPU work it launches (kernels or memcpys), and how much slower a bf16
+8192^3 matmul runs beside it than alone. docs/performance.md (session 10) has the figures and why
+the trainer keeps torch's kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from all_gather_check import cuda_ms  # this folder's: event-timed mean over repeats
-from fms_bamba import fsdp_copies
 from fms_bamba.model import Bamba, BambaConfig
 
 
@@ -58,18 +58,35 @@ def main() -> None:
     # Reduce-scatter copy-in: row r of every full gradient side by side in row r of the buffer.
     grads = [torch.randn(n * world, device=device, dtype=dtype) for n in shard_numels]
     scatter_in = torch.empty(world, sum(shard_numels), device=device, dtype=dtype)
-    ways = {  # name: (torch's kernel, ours: a memcpy per contiguous piece), the copies FSDP2 makes
-        "gather copy-in": (lambda: torch.ops.fsdp.all_gather_copy_in(*copy_in_args),
-                           lambda: fsdp_copies.all_gather_copy_in(*copy_in_args)),
+    mine = gathered[0]  # rank 0's part of the all-gather buffer
+
+    def copy_in_pieces() -> None:
+        for dst, src in zip(torch.split(mine, shard_numels), shards):
+            dst.copy_(src)
+
+    def copy_out_pieces() -> None:
+        for src, dst in zip(torch.split(gathered, shard_numels, dim=1), params):
+            for row in range(world):
+                dst[row].copy_(src[row])
+
+    def scatter_in_pieces() -> None:
+        start = 0
+        for grad in grads:
+            rows = grad.view(world, -1)
+            for row in range(world):
+                scatter_in[row, start:start + rows.size(1)].copy_(rows[row])
+            start += rows.size(1)
+
+    ways = {  # name: (torch's kernel as FSDP2 calls it, a memcpy per contiguous piece)
+        "gather copy-in": (lambda: torch.ops.fsdp.all_gather_copy_in(*copy_in_args), copy_in_pieces),
         "gather copy-out": (lambda: torch.split_with_sizes_copy(gathered, shard_numels, dim=1, out=params),
-                            lambda: fsdp_copies.split_with_sizes_copy(gathered, shard_numels, 1, out=params)),
-        "scatter copy-in": (lambda: torch._chunk_cat(grads, 0, world, out=scatter_in),
-                            lambda: fsdp_copies.chunk_cat(grads, 0, world, out=scatter_in)),
+                            copy_out_pieces),
+        "scatter copy-in": (lambda: torch._chunk_cat(grads, 0, world, out=scatter_in), scatter_in_pieces),
     }
-    for name, (kernel, ours) in ways.items():  # both ways must write the same bytes
+    for name, (kernel, pieces) in ways.items():  # both ways must write the same bytes
         outputs = {"gather copy-in": [gathered], "gather copy-out": params, "scatter copy-in": [scatter_in]}[name]
         results = []
-        for fn in (kernel, ours):
+        for fn in (kernel, pieces):
             for t in outputs:
                 t.zero_()
             fn()
@@ -82,8 +99,8 @@ def main() -> None:
     side = torch.cuda.Stream()
     print(f"{args.preset} block 0, {len(numels)} parameters, {sum(numels) / 1e6:.0f} M elements, world {world}; "
           f"matmul alone {matmul_ms:.3f} ms", flush=True)
-    for name, (kernel, ours) in ways.items():
-        for how, fn in (("torch's kernel", kernel), ("copy engines", ours)):
+    for name, (kernel, pieces) in ways.items():
+        for how, fn in (("torch's kernel", kernel), ("copy engines", pieces)):
             alone = cuda_ms(fn, args.repeats, side)
             moved = 2 * sum(shard_numels) * (1 if name == "gather copy-in" else world) * 2  # bytes read + written
             torch.cuda.synchronize()

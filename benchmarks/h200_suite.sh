@@ -33,9 +33,7 @@
 # configuration with NCCL_CTA_POLICY in $CTA_POLICIES, default "2 0 1": 2 is as kept, 0 and 1 give the
 # reduce-scatters NCCL's default or efficiency policy, the all-gathers staying zero-CTA), copies-check (one
 # GPU: FSDP2's three copies for one Bamba-9B block, torch's kernels against a memcpy per piece on the copy
-# engines, alone and beside a matmul; benchmarks/copies_check.py), fsdp-copies-1gpu (one GPU: bamba-1b's
-# trainer with the kept configuration's options and parallelism.fsdp_copies in the order $COPIES_ORDER,
-# default "kernel copy-engine"). Default: the first five.
+# engines, alone and beside a matmul; benchmarks/copies_check.py). Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
 # output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
@@ -142,13 +140,6 @@ for group in $groups; do
     copies-check)  # one GPU
       bench copies-check 300 python benchmarks/copies_check.py
       grep -E "copy|matmul" "$out/copies-check.log" ;;
-    fsdp-copies-1gpu)  # one GPU: FSDP2's copies on torch's kernels vs copy engines, in the trainer
-      for copies in ${COPIES_ORDER:-kernel copy-engine}; do
-        bench 1b-copies-$copies-$SECONDS 400 torchrun --standalone --nproc_per_node=1 benchmarks/train.py --preset bamba-1b \
-          $seq --micro-batch-size 2 --steps 40 --log-interval 10 --compile --workdir /tmp/b1copies --set \
-          parallelism.reduce_dtype=bfloat16 parallelism.reshard_after_forward=keep-last-16 optimizer.overlap_step=true \
-          optimizer.master_weights=true parallelism.all_gather=copy-engine parallelism.fsdp_copies=$copies
-      done ;;
     copy-engine-1gpu)  # one GPU: the copy-engine path's set-up and gathers on a one-rank communicator
       bench 1b-copy-engine-1gpu 400 torchrun --standalone --nproc_per_node=1 benchmarks/train.py --preset bamba-1b $seq \
         --micro-batch-size 2 --steps 20 --log-interval 5 --workdir /tmp/b1ce --set parallelism.all_gather=copy-engine

@@ -138,9 +138,6 @@ class ParallelismSection:
     all_gather: str = "nccl"
     """How parameters are gathered: nccl (NCCL's kernels, on SMs) | copy-engine (NCCL's copy-engine
     all-gather into symmetric memory: no SM time; one node, CUDA, NCCL >= 2.28)."""
-    fsdp_copies: str = "kernel"
-    """How FSDP2 copies shards and gradients into and out of its collectives' buffers: kernel
-    (torch's copy kernels, on SMs) | copy-engine (a memcpy per contiguous piece, on the copy engines; CUDA)."""
 
 
 @dataclass

@@ -18,7 +18,6 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
 
 from fms_bamba.config import ParallelismSection
-from fms_bamba.fsdp_copies import use_copy_engines
 
 
 @dataclass(frozen=True)
@@ -84,12 +83,11 @@ def blocks_kept_gathered(policy: str, n_blocks: int) -> int:
 
 
 ALL_GATHERS = ("nccl", "copy-engine")
-FSDP_COPIES = ("kernel", "copy-engine")
 
 
 def check_fsdp_options(cfg: ParallelismSection, device_type: str) -> None:
-    """ValueError naming the field when reshard_after_forward, reduce_dtype, all_gather or
-    fsdp_copies is unknown, or copy-engine is asked of a device without one."""
+    """ValueError naming the field when reshard_after_forward, reduce_dtype or all_gather is
+    unknown, or all_gather=copy-engine is asked of a device without it."""
     blocks_kept_gathered(cfg.reshard_after_forward, 1)
     if cfg.reduce_dtype not in DTYPES:
         raise ValueError(f"parallelism.reduce_dtype must be one of {tuple(DTYPES)}, got {cfg.reduce_dtype!r}")
@@ -97,10 +95,6 @@ def check_fsdp_options(cfg: ParallelismSection, device_type: str) -> None:
         raise ValueError(f"parallelism.all_gather must be one of {ALL_GATHERS}, got {cfg.all_gather!r}")
     if cfg.all_gather == "copy-engine" and device_type != "cuda":
         raise ValueError(f"parallelism.all_gather=copy-engine needs CUDA devices (NCCL), not {device_type}")
-    if cfg.fsdp_copies not in FSDP_COPIES:
-        raise ValueError(f"parallelism.fsdp_copies must be one of {FSDP_COPIES}, got {cfg.fsdp_copies!r}")
-    if cfg.fsdp_copies == "copy-engine" and device_type != "cuda":
-        raise ValueError(f"parallelism.fsdp_copies=copy-engine needs CUDA devices, not {device_type}")
 
 
 ZERO_CTA_POLICY = 2
@@ -199,8 +193,6 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
     for index, block in enumerate(model.layers):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < first_kept)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    if cfg.fsdp_copies == "copy-engine":
-        use_copy_engines()
     if cfg.all_gather == "copy-engine":
         all_gather = CopyEngineAllGather(zero_cta_shard_group(mesh))
         for unit in (*model.layers, model):
