@@ -6,7 +6,8 @@
 
 Runs the real trainer (`fms_bamba.train.train`) with checkpointing off on a corpus of random
 token ids (written once as a Parquet shard under --workdir), logs every --log-interval steps and
-averages the records after the first (which holds start-up and compilation). Extra job-config
+averages the records after the first (which holds start-up and compilation), printing their range
+beside the mean. Extra job-config
 overrides go after --set, e.g. `--set parallelism.compile=true training.dtype=float32`.
 """
 
@@ -112,14 +113,17 @@ def main() -> None:
     if not records:
         raise SystemExit(f"no steady-state records: raise --steps above {args.log_interval}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    tokens_per_sec_per_gpu = float(np.mean([r["tokens_per_sec_per_gpu"] for r in records]))
+    interval_rates = [r["tokens_per_sec_per_gpu"] for r in records]
+    tokens_per_sec_per_gpu = float(np.mean(interval_rates))
     tokens_per_step = records[-1]["tokens_seen"] // records[-1]["step"]
     mfu = [r["mfu"] for r in records if r["mfu"] is not None]
     print(f"preset {args.preset}, {world_size} device(s), seq {args.seq_len} x micro-batch {args.micro_batch_size}, "
           f"{tokens_per_step:,} tokens per step, activation checkpointing {args.activation_checkpoint}, "
           f"compile {args.compile}")
     print(f"step time: {tokens_per_step / (tokens_per_sec_per_gpu * world_size):.3f} s")
-    print(f"tokens/s/GPU: {tokens_per_sec_per_gpu:,.0f}")
+    # The intervals' range shows how far a rerun can move the mean: an A/B closer than that is noise.
+    print(f"tokens/s/GPU: {tokens_per_sec_per_gpu:,.0f} (intervals {min(interval_rates):,.0f} to "
+          f"{max(interval_rates):,.0f}, {len(interval_rates)} of {args.log_interval} steps)")
     print(f"MFU: {float(np.mean(mfu)):.1%}" if mfu else "MFU: unknown device peak (set --set metrics.peak_tflops=N)")
     print(f"peak memory: {max(r['mem_gib'] for r in records):.2f} GiB")
     if torch.cuda.is_available():
