@@ -144,9 +144,9 @@ def init_distributed(device: torch.device, cfg: ParallelismSection | None = None
     started without torchrun gets a private one-rank group, so every code path is the same."""
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if cfg is not None and cfg.all_gather == "copy-engine":
-        # Every communicator's default policy, zero-CTA unless the environment says otherwise: the
-        # all-gathers' own communicator has it anyway (zero_cta_shard_group); this one decides the
-        # reduce-scatters' (0 default, 1 efficiency, 2 zero-CTA: fewer SMs for longer).
+        # Every communicator's policy, zero-CTA unless the environment says otherwise. It decides the
+        # reduce-scatters' (0 default, 1 efficiency, 2 zero-CTA: fewer SMs for longer); under 0 or 1
+        # the all-gathers get a zero-CTA communicator of their own (zero_cta_shard_group).
         os.environ.setdefault("NCCL_CTA_POLICY", str(ZERO_CTA_POLICY))
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -1,5 +1,8 @@
-"""apply_parallelism on one CPU process: which blocks it checkpoints, compiles and shards, and
-which keep their gathered parameters between forward and backward."""
+"""apply_parallelism on one CPU process: which blocks it checkpoints, compiles and shards, which
+keep their gathered parameters between forward and backward, and which communicator the
+copy-engine all-gathers use under each NCCL_CTA_POLICY."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from fms_bamba.config import ParallelismSection
 from fms_bamba.model import Bamba, BambaConfig
-from fms_bamba.parallel import apply_parallelism, build_mesh
+from fms_bamba.parallel import apply_parallelism, build_mesh, zero_cta_shard_group
 
 
 @pytest.fixture
@@ -67,3 +70,30 @@ def test_checkpointing_and_compile_wrap_the_blocks_they_name(process_group):
     assert all(isinstance(unit, FSDPModule) for unit in (*model.layers, model))
     assert model.loss_and_grad is not loss_and_grad  # the compiled loss replaced the eager one
     assert not any("checkpoint_wrapped" in name or "_orig_mod" in name for name in model.state_dict())
+
+
+def test_all_gathers_keep_the_mesh_group_under_the_zero_cta_default(process_group, monkeypatch):
+    monkeypatch.setenv("NCCL_CTA_POLICY", "2")
+    mesh = build_mesh(ParallelismSection(), torch.device("cpu"))
+    assert zero_cta_shard_group(mesh) is mesh.get_group("dp_shard")
+
+
+@pytest.mark.parametrize("ranks, rows", [([[0, 1, 2, 3]], [[0, 1, 2, 3]]),  # FSDP: one group of all
+                                         ([[0, 1], [2, 3]], [[0, 1], [2, 3]])])  # HSDP: one per replica
+def test_all_gathers_get_a_zero_cta_group_per_shard_row_under_another_policy(monkeypatch, ranks, rows):
+    monkeypatch.setenv("NCCL_CTA_POLICY", "0")
+    made = {}
+
+    class Options:  # stands in for ProcessGroupNCCL.Options, absent from CPU builds
+        def __init__(self):
+            self.config = SimpleNamespace(cta_policy=0)
+
+    def new_subgroups_by_enumeration(ranks_per_group, backend, pg_options):
+        made.update(rows=ranks_per_group, backend=backend, policy=pg_options.config.cta_policy)
+        return "own group", []
+
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", SimpleNamespace(Options=Options), raising=False)
+    monkeypatch.setattr(dist, "new_subgroups_by_enumeration", new_subgroups_by_enumeration)
+    mesh = SimpleNamespace(mesh=torch.tensor(ranks))
+    assert zero_cta_shard_group(mesh) == "own group"
+    assert made == {"rows": rows, "backend": "nccl", "policy": 2}
