@@ -77,32 +77,34 @@ def main() -> None:
                 scatter_in[row, start:start + rows.size(1)].copy_(rows[row])
             start += rows.size(1)
 
-    ways = {  # name: (torch's kernel as FSDP2 calls it, a memcpy per contiguous piece)
-        "gather copy-in": (lambda: torch.ops.fsdp.all_gather_copy_in(*copy_in_args), copy_in_pieces),
+    # name: (torch's kernel as FSDP2 calls it, a memcpy per contiguous piece, what both write, bytes moved)
+    copied = 2 * sum(shard_numels) * 2  # one shard of each parameter read and written, bf16
+    ways = {
+        "gather copy-in": (lambda: torch.ops.fsdp.all_gather_copy_in(*copy_in_args), copy_in_pieces,
+                           [gathered], copied),
         "gather copy-out": (lambda: torch.split_with_sizes_copy(gathered, shard_numels, dim=1, out=params),
-                            copy_out_pieces),
-        "scatter copy-in": (lambda: torch._chunk_cat(grads, 0, world, out=scatter_in), scatter_in_pieces),
+                            copy_out_pieces, params, copied * world),
+        "scatter copy-in": (lambda: torch._chunk_cat(grads, 0, world, out=scatter_in), scatter_in_pieces,
+                            [scatter_in], copied * world),
     }
-    for name, (kernel, pieces) in ways.items():  # both ways must write the same bytes
-        outputs = {"gather copy-in": [gathered], "gather copy-out": params, "scatter copy-in": [scatter_in]}[name]
+    for name, (kernel, pieces, outputs, _) in ways.items():  # both ways must write the same bytes
         results = []
         for fn in (kernel, pieces):
             for t in outputs:
                 t.zero_()
             fn()
             results.append([t.clone() for t in outputs])
-        expected, outputs = results
-        assert all(torch.equal(t, e) for t, e in zip(outputs, expected)), f"{name}: copies differ"
+        expected, got = results
+        assert all(torch.equal(t, e) for t, e in zip(got, expected)), f"{name}: copies differ"
 
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
     matmul_ms = cuda_ms(lambda: a @ a, args.repeats)
     side = torch.cuda.Stream()
     print(f"{args.preset} block 0, {len(numels)} parameters, {sum(numels) / 1e6:.0f} M elements, world {world}; "
           f"matmul alone {matmul_ms:.3f} ms", flush=True)
-    for name, (kernel, pieces) in ways.items():
+    for name, (kernel, pieces, _, moved) in ways.items():
         for how, fn in (("torch's kernel", kernel), ("copy engines", pieces)):
             alone = cuda_ms(fn, args.repeats, side)
-            moved = 2 * sum(shard_numels) * (1 if name == "gather copy-in" else world) * 2  # bytes read + written
             torch.cuda.synchronize()
             with torch.cuda.stream(side):  # copies queued on a side stream for as long as the matmuls run
                 for _ in range(args.repeats * (1 + round(matmul_ms / alone))):

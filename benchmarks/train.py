@@ -7,8 +7,8 @@
 Runs the real trainer (`fms_bamba.train.train`) with checkpointing off on a corpus of random
 token ids (written once as a Parquet shard under --workdir), logs every --log-interval steps and
 averages the records after the first (which holds start-up and compilation), printing their range
-beside the mean. Extra job-config
-overrides go after --set, e.g. `--set parallelism.compile=true training.dtype=float32`.
+beside the mean. Extra job-config overrides go after --set, e.g.
+`--set parallelism.compile=true training.dtype=float32`.
 """
 
 from __future__ import annotations
