@@ -33,7 +33,9 @@
 # configuration with NCCL_CTA_POLICY in $CTA_POLICIES, default "2 0 1": 2 is as kept, 0 and 1 give the
 # reduce-scatters NCCL's default or efficiency policy, the all-gathers staying zero-CTA), copies-check (one
 # GPU: FSDP2's three copies for one Bamba-9B block, torch's kernels against a memcpy per piece on the copy
-# engines, alone and beside a matmul; benchmarks/copies_check.py). Default: the first five.
+# engines, alone and beside a matmul; benchmarks/copies_check.py), per-param-1gpu (one GPU: bamba-1b's trainer
+# with the kept options under parallelism.sharding=per-param and fsdp2, losses compared), bamba-9b-per-param (the kept
+# configuration on NCCL's all-gathers with FSDP2, then per-param sharding plus $PP_SET, then as kept). Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
 # output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
@@ -159,6 +161,19 @@ for group in $groups; do
       for policy in ${CTA_POLICIES:-2 0 1}; do
         NCCL_CTA_POLICY=$policy bench 9b-final-cta-$policy 300 $torchrun2 $final9b
       done ;;
+    per-param-1gpu)  # one GPU: bamba-1b's trainer with the kept options, parallelism.sharding=per-param then fsdp2 (all-gathers on NCCL), the same learnable tokens; their losses compared
+      pp="benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 40 --log-interval 1 --compile --learnable-data
+        --workdir /tmp/pp1"
+      for sharding in per-param fsdp2; do
+        bench 1b-$sharding-1gpu 400 python $pp --run-name $sharding --set parallelism.reduce_dtype=bfloat16 \
+          parallelism.reshard_after_forward=keep-last-16 optimizer.overlap_step=true optimizer.master_weights=true \
+          parallelism.sharding=$sharding
+      done
+      python benchmarks/compare_losses.py /tmp/pp1/per-param /tmp/pp1/fsdp2 | tee "$out/per-param-1gpu-losses.txt" ;;
+    bamba-9b-per-param)  # the kept configuration's FSDP2 with NCCL's all-gathers, then per-param sharding, then as kept (copy engines)
+      bench 9b-final-nccl 240 $torchrun2 $final9b parallelism.all_gather=nccl
+      bench 9b-per-param 300 $torchrun2 $final9b parallelism.all_gather=nccl parallelism.sharding=per-param ${PP_SET:-}
+      bench 9b-final-copy-engine 240 $torchrun2 $final9b ;;
     bamba-9b-power)  # the kept configuration, with clocks and power sampled: is the step held back by the power limit?
       nvidia-smi --query-gpu=index,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.sw_power_cap \
         --format=csv -lms 500 > "$out/9b-power.csv" &

@@ -138,6 +138,9 @@ class ParallelismSection:
     all_gather: str = "nccl"
     """How parameters are gathered: nccl (NCCL's kernels, on SMs) | copy-engine (NCCL's copy-engine
     all-gather into symmetric memory: no SM time; one node, CUDA, NCCL >= 2.28)."""
+    sharding: str = "fsdp2"
+    """fsdp2 (torch's fully_shard: each collective goes through one packed buffer, copied in and out) |
+    per-param (ours: each parameter's collectives read and write it in place; no HSDP)."""
 
 
 @dataclass

@@ -75,7 +75,7 @@ class Validator:
                 raise ValueError(f"validation.prompts must encode to 1..{model.config.max_seq_len - 1} tokens "
                                  f"(the model's context less one), got {[len(ids) for ids in self.prompt_ids]}")
             self.max_new_tokens = min(self.cfg.max_new_tokens, model.config.max_seq_len - longest)
-            if isinstance(model, FSDPModule):
+            if isinstance(model, FSDPModule) or hasattr(model, "per_param_sharding"):
                 register_decoding_methods(model)
 
     def due(self, step: int) -> bool:
@@ -129,10 +129,13 @@ class Validator:
 
 
 def register_decoding_methods(model: Bamba) -> None:
-    """Let FSDP2 gather parameters around the decoding methods as it does around forward."""
-    register_fsdp_forward_method(model, "prefill")
-    register_fsdp_forward_method(model, "decode_step")
+    """Let the sharding (FSDP2 or per-param) gather parameters around the decoding methods as it
+    does around forward."""
+    sharding = getattr(model, "per_param_sharding", None)
+    register = sharding.register_forward_method if sharding is not None else register_fsdp_forward_method
+    register(model, "prefill")
+    register(model, "decode_step")
     for block in model.layers:
-        register_fsdp_forward_method(block, "prefill")
-        register_fsdp_forward_method(block, "step")
+        register(block, "prefill")
+        register(block, "step")
 

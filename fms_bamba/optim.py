@@ -174,7 +174,9 @@ class UpdateBesideForward:
         self.params = [param_of.get(p, p) for groups in self.unit_groups for params in groups for p in params]
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self.block_events: list[torch.cuda.Event | None] = [None] * len(blocks)
-        if self.stream is not None:
+        # parallelism.sharding=per-param: its units (the root, then the blocks) take the events themselves.
+        self.sharding = getattr(model, "per_param_sharding", None)
+        if self.stream is not None and self.sharding is None:
             for index, block in enumerate(blocks):  # before FSDP's own pre-forward, which all-gathers
                 block.register_forward_pre_hook(functools.partial(self._before_block, index), prepend=True)
 
@@ -196,7 +198,9 @@ class UpdateBesideForward:
             for index, groups in enumerate(self.unit_groups):
                 self._step_unit(groups)
                 event = self.stream.record_event()
-                if index == 0:  # the root's all-gather (embedding, final norm, LM head) waits for it
+                if self.sharding is not None:  # the unit's next all-gather waits for it, prefetched or not
+                    self.sharding.units[index].update_event = event
+                elif index == 0:  # the root's all-gather (embedding, final norm, LM head) waits for it
                     self.model.set_post_optim_event(event)
                 else:
                     self.block_events[index - 1] = event

@@ -18,6 +18,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
 
 from fms_bamba.config import ParallelismSection
+from fms_bamba.sharding import shard_per_parameter
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,12 @@ def blocks_kept_gathered(policy: str, n_blocks: int) -> int:
 
 
 ALL_GATHERS = ("nccl", "copy-engine")
+SHARDINGS = ("fsdp2", "per-param")
 
 
 def check_fsdp_options(cfg: ParallelismSection, device_type: str) -> None:
-    """ValueError naming the field when reshard_after_forward, reduce_dtype or all_gather is
-    unknown, or all_gather=copy-engine is asked of a device without it."""
+    """ValueError naming the field when reshard_after_forward, reduce_dtype, all_gather or sharding
+    is unknown, or an option is asked of a device or mesh without it."""
     blocks_kept_gathered(cfg.reshard_after_forward, 1)
     if cfg.reduce_dtype not in DTYPES:
         raise ValueError(f"parallelism.reduce_dtype must be one of {tuple(DTYPES)}, got {cfg.reduce_dtype!r}")
@@ -95,6 +97,14 @@ def check_fsdp_options(cfg: ParallelismSection, device_type: str) -> None:
         raise ValueError(f"parallelism.all_gather must be one of {ALL_GATHERS}, got {cfg.all_gather!r}")
     if cfg.all_gather == "copy-engine" and device_type != "cuda":
         raise ValueError(f"parallelism.all_gather=copy-engine needs CUDA devices (NCCL), not {device_type}")
+    if cfg.sharding not in SHARDINGS:
+        raise ValueError(f"parallelism.sharding must be one of {SHARDINGS}, got {cfg.sharding!r}")
+    if cfg.sharding == "per-param" and cfg.dp_replicate != 1:
+        raise ValueError("parallelism.sharding=per-param shards over one mesh dimension: it needs "
+                         f"parallelism.dp_replicate=1, got {cfg.dp_replicate} (HSDP needs sharding=fsdp2)")
+    if cfg.sharding == "per-param" and cfg.all_gather != "nccl":
+        raise ValueError(f"parallelism.sharding=per-param gathers with NCCL's kernels: it needs "
+                         f"parallelism.all_gather=nccl, got {cfg.all_gather!r}")
 
 
 ZERO_CTA_POLICY = 2
@@ -176,13 +186,13 @@ def compile_model(model: torch.nn.Module) -> None:
 def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: ParallelismSection, *,
                       param_dtype: torch.dtype = torch.float32) -> None:
     """Activation checkpointing, then compile (of each block and the loss's elementwise part), then
-    `fully_shard` per decoder block and the root.
+    `fully_shard` (or, with sharding=per-param, `shard_per_parameter`) per decoder block and the root.
 
     Call on a model built under torch.device("meta"); afterwards `to_empty` + `init_weights`."""
     every = parse_activation_checkpoint(cfg.activation_checkpoint)
     check_fsdp_options(cfg, mesh.device_type)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=DTYPES[cfg.reduce_dtype])
-    first_kept = len(model.layers) - blocks_kept_gathered(cfg.reshard_after_forward, len(model.layers))
+    kept_gathered = blocks_kept_gathered(cfg.reshard_after_forward, len(model.layers))
     if every:
         for index in range(0, len(model.layers), every):
             # checkpoint_wrapper's prefix is stripped from state_dict and DCP keys alike.
@@ -190,8 +200,13 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
                                                      checkpoint_impl=CheckpointImpl.NO_REENTRANT)
     if cfg.compile:
         compile_model(model)
+    if cfg.sharding == "per-param":
+        shard_per_parameter(model, mesh, kept_gathered=kept_gathered, param_dtype=param_dtype,
+                            reduce_dtype=DTYPES[cfg.reduce_dtype])
+        return
     for index, block in enumerate(model.layers):
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < first_kept)
+        fully_shard(block, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=index < len(model.layers) - kept_gathered)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if cfg.all_gather == "copy-engine":
         all_gather = CopyEngineAllGather(zero_cta_shard_group(mesh))

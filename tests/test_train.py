@@ -418,3 +418,56 @@ def test_build_model_with_master_weights_keeps_bf16_shards_of_the_fp32_init():
         assert isinstance(param, DTensor) and param.dtype == torch.bfloat16, name
         assert master.dtype == torch.float32 and torch.equal(master.full_tensor(), reference.full_tensor()), name
         assert torch.equal(param.full_tensor(), master.full_tensor().bfloat16()), name
+
+
+def run_both_shardings(tmp_path: Path, corpus: Path, name: str, settings: dict) -> dict[str, Path]:
+    """The same 2-process run under parallelism.sharding=fsdp2 and per-param."""
+    runs = {}
+    for sharding in ("fsdp2", "per-param"):
+        runs[sharding] = tmp_path / f"{name}-{sharding}"
+        torchrun(2, tiny_overrides(runs[sharding], corpus, **settings, **{"parallelism.sharding": sharding}))
+    return runs
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    tensors_a, tensors_b = load_tensors(a, prefix=""), load_tensors(b, prefix="")
+    assert tensors_a.keys() == tensors_b.keys()
+    assert [k for k in tensors_a if not k.startswith("rng.") and not torch.equal(tensors_a[k], tensors_b[k])] == []
+
+
+@pytest.mark.slow
+def test_per_param_sharding_trains_as_fsdp2_to_the_bit(corpus, tmp_path):
+    """parallelism.sharding=per-param over 2 ranks, with compiled blocks, bf16 shards and fp32
+    masters, activation checkpointing, the last block kept gathered, the update beside the forward,
+    and validation whose samples decode through the shards: every logged loss, gradient norm,
+    val_loss and sample, and the final checkpoint (weights, moments) equal FSDP2's to the bit."""
+    validation = {"validation.enable": True, "validation.interval": 4, "validation.batches": 2,
+                  "validation.data.root": str(corpus), "validation.data.datasets": [default_corpus.DATASET_NAME],
+                  "validation.prompts": ["def "], "validation.max_new_tokens": 3}
+    runs = run_both_shardings(tmp_path, corpus, "masters", {
+        "training.steps": 8, "metrics.log_interval": 2, "checkpoint.interval": 8, "parallelism.compile": True,
+        "optimizer.master_weights": True, "parallelism.activation_checkpoint": "every-2",
+        "parallelism.reshard_after_forward": "keep-last-1", "optimizer.overlap_step": True, **validation})
+    fsdp2, per_param = (read_metrics(runs[s]) for s in ("fsdp2", "per-param"))
+    keys = ("step", "loss", "grad_norm", "val_loss", "val_samples")
+    assert [[r.get(k) for k in keys] for r in per_param] == [[r.get(k) for k in keys] for r in fsdp2]
+    assert [r["step"] for r in fsdp2 if "val_samples" in r] == [4, 8]
+    assert_same_checkpoint(*(runs[s] / CHECKPOINTS_FOLDER / checkpoint_dir_name(8) for s in ("fsdp2", "per-param")))
+
+
+@pytest.mark.slow
+def test_per_param_sharding_accumulates_and_resumes_fsdp2_checkpoints(corpus, tmp_path):
+    """Two micro-batches per step and every block resharded after forward: per-param equals FSDP2
+    to the bit, and a per-param run resumed from FSDP2's step-4 checkpoint ends at the same step 8."""
+    settings = {"training.steps": 8, "metrics.log_interval": 2, "checkpoint.interval": 4,
+                "training.global_batch_sequences": 16, "parallelism.reshard_after_forward": "always"}
+    runs = run_both_shardings(tmp_path, corpus, "accumulation", settings)
+    fsdp2, per_param = (read_metrics(runs[s]) for s in ("fsdp2", "per-param"))
+    assert [(r["loss"], r["grad_norm"]) for r in per_param] == [(r["loss"], r["grad_norm"]) for r in fsdp2]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs["fsdp2"], resumed)
+    shutil.rmtree(resumed / CHECKPOINTS_FOLDER / checkpoint_dir_name(8))
+    torchrun(2, tiny_overrides(resumed, corpus, **settings, **{"parallelism.sharding": "per-param"}))
+    for run_dir in (runs["per-param"], resumed):
+        assert_same_checkpoint(runs["fsdp2"] / CHECKPOINTS_FOLDER / checkpoint_dir_name(8),
+                               run_dir / CHECKPOINTS_FOLDER / checkpoint_dir_name(8))
