@@ -105,14 +105,29 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+def read_trace(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """A trace's events, and those that ran on the GPU (kernels, copies, memsets)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    return events, [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+
+
+def count_gpu_events(path: str | Path, names: list[str], steps: int) -> str:
+    """Per step: how many GPU events have each of `names` in their name, and their total ms."""
+    _, kernels = read_trace(path)
+    lines = []
+    for name in names:
+        matching = [k for k in kernels if name.lower() in k["name"].lower()]
+        lines.append(f"{name:<24} {len(matching) / steps:8.1f} per step {sum(k['dur'] for k in matching) / steps / 1e3:9.2f} ms")
+    return "\n".join(lines)
+
+
 def summarize_trace(path: str | Path, steps: int, top: int = 8) -> str:
     """Per recorded step, in ms: the GPU time span, time with no kernel running, communication
     overlapped with computation and not, and kernel time by kind (summed over streams); then the
     `top` longest stalls of the window (`stalls`)."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as f:
-        events = json.load(f)["traceEvents"]
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    events, kernels = read_trace(path)
     if not kernels:
         return "no GPU kernels recorded"
     spans = {"communication": [], "compute": []}
@@ -187,6 +202,7 @@ def stalls(events: list[dict], kernels: list[dict], busy: list[tuple[float, floa
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        raise SystemExit("usage: python -m fms_bamba.profiling TRACE.json[.gz] [STEPS]")
-    print(summarize_trace(sys.argv[1], int(sys.argv[2]) if len(sys.argv) == 3 else 1))
+    if len(sys.argv) < 2 or (len(sys.argv) > 3 and sys.argv[3] != "--count"):
+        raise SystemExit("usage: python -m fms_bamba.profiling TRACE.json[.gz] [STEPS [--count NAME ...]]")
+    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    print(count_gpu_events(sys.argv[1], sys.argv[4:], steps) if len(sys.argv) > 3 else summarize_trace(sys.argv[1], steps))

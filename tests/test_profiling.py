@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fms_bamba.config import ProfilingSection
-from fms_bamba.profiling import StepProfiler, kernel_kind, summarize_trace, union_length
+from fms_bamba.profiling import StepProfiler, count_gpu_events, kernel_kind, summarize_trace, union_length
 
 
 def kernel(name, start, duration, stream):
@@ -52,6 +52,18 @@ def test_summary_of_two_steps(tmp_path):
         "communication, overlapped": 100.0, "communication, exposed": 100.5,
         "communication": 200.5, "compiled (inductor)": 200.0, "matmul": 150.0,
     }
+
+
+def test_gpu_events_counted_by_name(tmp_path):
+    """Per step, over 2 steps: GPU events (kernels and copies, not host operators) whose name holds each string."""
+    events = [kernel("ncclDevKernel_AllGather_RING_LL", 0, 3000, 20), kernel("ncclDevKernel_AllGather_RING_LL", 0, 1000, 20),
+              {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy PtoP (Device -> Device)", "ts": 0, "dur": 500},
+              {"ph": "X", "cat": "cpu_op", "name": "c10d::allgather_", "ts": 0, "dur": 9000}]
+    trace = tmp_path / "rank0.json.gz"
+    trace.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    rows = [line.split() for line in count_gpu_events(trace, ["allgather", "Memcpy", "chunk_cat"], steps=2).splitlines()]
+    assert [(row[0], float(row[1]), float(row[-2])) for row in rows] == [
+        ("allgather", 1.0, 2.0), ("Memcpy", 0.5, 0.25), ("chunk_cat", 0.0, 0.0)]
 
 
 def test_step_profiler_records_its_window_only(tmp_path, capsys):
