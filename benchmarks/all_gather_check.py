@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from fms_bamba.config import ParallelismSection
-from fms_bamba.parallel import CopyEngineAllGather, build_mesh, init_distributed, zero_cta_shard_group
+from fms_bamba.parallel import CopyEngineAllGather, build_mesh, copy_engine_group, init_distributed
 
 
 def cuda_ms(fn, repeats: int, stream: torch.cuda.Stream | None = None) -> float:
@@ -49,7 +49,7 @@ def main() -> None:
     cfg = ParallelismSection(all_gather=args.all_gather)
     init_distributed(device, cfg)  # as the trainer starts it
     group = dist.group.WORLD
-    copy_engine = (CopyEngineAllGather(zero_cta_shard_group(build_mesh(cfg, device)))
+    copy_engine = (CopyEngineAllGather(copy_engine_group(build_mesh(cfg, device)))
                    if args.all_gather == "copy-engine" else None)
     gather = copy_engine or (lambda output, input, group: dist.all_gather_into_tensor(output, input, group=group))
 

@@ -34,8 +34,10 @@
 # reduce-scatters NCCL's default or efficiency policy, the all-gathers staying zero-CTA), copies-check (one
 # GPU: FSDP2's three copies for one Bamba-9B block, torch's kernels against a memcpy per piece on the copy
 # engines, alone and beside a matmul; benchmarks/copies_check.py), per-param-1gpu (one GPU: bamba-1b's trainer
-# with the kept options under parallelism.sharding=per-param and fsdp2, losses compared), bamba-9b-per-param (the kept
-# configuration on NCCL's all-gathers with FSDP2, then per-param sharding plus $PP_SET, then as kept). Default: the first five.
+# with the kept options under parallelism.sharding=per-param, on NCCL's all-gathers then copy engines, and fsdp2; losses
+# compared, the kernels of two profiled steps counted; $PP_RUNS picks the runs), bamba-9b-per-param (the kept configuration on NCCL's all-gathers
+# with FSDP2, then per-param sharding on NCCL's all-gathers, then on copy engines, plus $PP_SET, then as kept).
+# Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
 # output is kept in OUT_DIR/<name>.log.
 set -uo pipefail
@@ -161,18 +163,26 @@ for group in $groups; do
       for policy in ${CTA_POLICIES:-2 0 1}; do
         NCCL_CTA_POLICY=$policy bench 9b-final-cta-$policy 300 $torchrun2 $final9b
       done ;;
-    per-param-1gpu)  # one GPU: bamba-1b's trainer with the kept options, parallelism.sharding=per-param then fsdp2 (all-gathers on NCCL), the same learnable tokens; their losses compared
-      pp="benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 40 --log-interval 1 --compile --learnable-data
+    per-param-1gpu)  # one GPU: bamba-1b's trainer with the kept options under parallelism.sharding=per-param (NCCL's
+      # all-gathers, then copy engines, profiled), then fsdp2, on the same learnable tokens; losses compared, kernels counted
+      pp="benchmarks/train.py --preset bamba-1b $seq --micro-batch-size 2 --steps 24 --log-interval 1 --compile --learnable-data
         --workdir /tmp/pp1"
-      for sharding in per-param fsdp2; do
-        bench 1b-$sharding-1gpu 400 python $pp --run-name $sharding --set parallelism.reduce_dtype=bfloat16 \
+      for run in ${PP_RUNS:-per-param:nccl per-param:copy-engine fsdp2:nccl}; do
+        sharding=${run%:*} engine=${run#*:}
+        bench 1b-$sharding-$engine-1gpu 300 python $pp --run-name $sharding-$engine --set parallelism.reduce_dtype=bfloat16 \
           parallelism.reshard_after_forward=keep-last-16 optimizer.overlap_step=true optimizer.master_weights=true \
-          parallelism.sharding=$sharding
+          parallelism.sharding=$sharding parallelism.all_gather=$engine profiling.enable=true profiling.start_step=9
+        python -m fms_bamba.profiling /tmp/pp1/$sharding-$engine/profile/rank0.json.gz 2 --count AllGather ReduceScatter \
+          Memcpy split_with_sizes chunk_cat foreach_copy | tee "$out/per-param-1gpu-kernels-$sharding-$engine.txt"
+        sed -n '/^per step/,/longest/p' /tmp/pp1/$sharding-$engine/profile/rank0.txt
       done
-      python benchmarks/compare_losses.py /tmp/pp1/per-param /tmp/pp1/fsdp2 | tee "$out/per-param-1gpu-losses.txt" ;;
-    bamba-9b-per-param)  # the kept configuration's FSDP2 with NCCL's all-gathers, then per-param sharding, then as kept (copy engines)
+      for run in /tmp/pp1/per-param-*; do
+        python benchmarks/compare_losses.py $run /tmp/pp1/fsdp2-nccl | tee "$out/per-param-1gpu-losses-${run##*/}.txt"
+      done ;;
+    bamba-9b-per-param)  # the kept configuration's FSDP2 on NCCL's all-gathers; per-param sharding on them, then on copy engines; as kept
       bench 9b-final-nccl 240 $torchrun2 $final9b parallelism.all_gather=nccl
-      bench 9b-per-param 300 $torchrun2 $final9b parallelism.all_gather=nccl parallelism.sharding=per-param ${PP_SET:-}
+      bench 9b-per-param-nccl 300 $torchrun2 $final9b parallelism.all_gather=nccl parallelism.sharding=per-param ${PP_SET:-}
+      bench 9b-per-param-copy-engine 300 $torchrun2 $final9b parallelism.sharding=per-param ${PP_SET:-}
       bench 9b-final-copy-engine 240 $torchrun2 $final9b ;;
     bamba-9b-power)  # the kept configuration, with clocks and power sampled: is the step held back by the power limit?
       nvidia-smi --query-gpu=index,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.sw_power_cap \

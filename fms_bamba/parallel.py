@@ -102,9 +102,6 @@ def check_fsdp_options(cfg: ParallelismSection, device_type: str) -> None:
     if cfg.sharding == "per-param" and cfg.dp_replicate != 1:
         raise ValueError("parallelism.sharding=per-param shards over one mesh dimension: it needs "
                          f"parallelism.dp_replicate=1, got {cfg.dp_replicate} (HSDP needs sharding=fsdp2)")
-    if cfg.sharding == "per-param" and cfg.all_gather != "nccl":
-        raise ValueError(f"parallelism.sharding=per-param gathers with NCCL's kernels: it needs "
-                         f"parallelism.all_gather=nccl, got {cfg.all_gather!r}")
 
 
 ZERO_CTA_POLICY = 2
@@ -126,15 +123,22 @@ def zero_cta_shard_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     return group
 
 
+def copy_engine_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """`zero_cta_shard_group`, ready for symmetric-memory rendezvous: NCCL as the symmetric-memory
+    backend, and the communicator created. Every rank must call it."""
+    symm_mem.set_backend("NCCL")
+    group = zero_cta_shard_group(mesh)
+    dist.barrier(group=group)  # the communicator must exist before the first rendezvous
+    return group
+
+
 class CopyEngineAllGather(AllGather):
     """FSDP2's all-gather with its output buffers in NCCL symmetric memory, on a zero-CTA
-    communicator (`zero_cta_shard_group`), so that NCCL (>= 2.28) moves the shards with
+    communicator (`copy_engine_group`), so that NCCL (>= 2.28) moves the shards with
     the GPUs' copy engines instead of kernels that occupy SMs beside the matmuls."""
 
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
-        symm_mem.set_backend("NCCL")
-        dist.barrier(group=group)  # the communicator must exist before the first rendezvous
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         # One pool of registered memory, reused by every all-gather: registration happens once per segment.
@@ -202,13 +206,14 @@ def apply_parallelism(model: torch.nn.Module, mesh: DeviceMesh, cfg: Parallelism
         compile_model(model)
     if cfg.sharding == "per-param":
         shard_per_parameter(model, mesh, kept_gathered=kept_gathered, param_dtype=param_dtype,
-                            reduce_dtype=DTYPES[cfg.reduce_dtype])
+                            reduce_dtype=DTYPES[cfg.reduce_dtype],
+                            copy_engine_group=copy_engine_group(mesh) if cfg.all_gather == "copy-engine" else None)
         return
     for index, block in enumerate(model.layers):
         fully_shard(block, mesh=mesh, mp_policy=policy,
                     reshard_after_forward=index < len(model.layers) - kept_gathered)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if cfg.all_gather == "copy-engine":
-        all_gather = CopyEngineAllGather(zero_cta_shard_group(mesh))
+        all_gather = CopyEngineAllGather(copy_engine_group(mesh))
         for unit in (*model.layers, model):
             unit.set_custom_all_gather(all_gather)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
+from torch.distributed import _symmetric_memory as symm_mem
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
@@ -69,7 +70,7 @@ class Unit:
     def _make_gathered(self) -> None:
         for sharded in self.sharded:
             param = nn.Parameter(torch.empty(sharded.shape, dtype=self.sharding.param_dtype,
-                                             device=sharded.to_local().device), requires_grad=sharded.requires_grad)
+                                             device=sharded.device), requires_grad=sharded.requires_grad)
             param.untyped_storage().resize_(0)
             if param.requires_grad:
                 param.register_post_accumulate_grad_hook(self._grad_arrived)
@@ -85,15 +86,18 @@ class Unit:
         if not self.gathered:
             self._make_gathered()
         sharding = self.sharding
-        inputs = [s.to_local().to(sharding.param_dtype) for s in self.sharded]  # a cast only without masters
-        for param in self.gathered:
-            param.untyped_storage().resize_(param.numel() * param.element_size())
+        inputs = [s._local_tensor.to(sharding.param_dtype) for s in self.sharded]  # a cast only without masters
+        with sharding.gathered_memory():
+            for param in self.gathered:
+                param.untyped_storage().resize_(param.numel() * param.element_size())
         # Writing the same data again: what autograd saved of these tensors in forward stays valid.
         with sharding.after_computation(self.update_event), \
                 torch.autograd._unsafe_preserve_version_counter(tuple(self.gathered)):
+            if sharding.copy_engine:  # gather in place, between registered buffers
+                inputs = [sharding.place_shard(param, shard) for param, shard in zip(self.gathered, inputs)]
             with sharding.coalesced():
                 for param, shard in zip(self.gathered, inputs):
-                    _all_gather(param, shard, group=sharding.group)
+                    _all_gather(param, shard, group=sharding.gather_group)
             self.gather_event = sharding.record()
         self.update_event, self.state = None, "pending"
 
@@ -132,21 +136,21 @@ class Unit:
         sharding = self.sharding
         sharding.release_reduced()
         inputs = [g.grad.to(sharding.reduce_dtype) for _, g in pairs]  # a cast only if the dtypes differ
-        outputs = [torch.empty_like(s.to_local(), dtype=sharding.reduce_dtype) for s, _ in pairs]
+        outputs = [torch.empty_like(s._local_tensor, dtype=sharding.reduce_dtype) for s, _ in pairs]
         for _, gathered in pairs:
             gathered.grad = None
         with sharding.on_reduce_stream():
             with sharding.coalesced():
                 for output, full in zip(outputs, inputs):
                     _reduce_scatter(output, full, op=sharding.reduce_op, group=sharding.group)
-            if sharding.reduce_op == dist.ReduceOp.SUM:  # gloo has no mean
+            if sharding.reduce_op == dist.ReduceOp.SUM:
                 torch._foreach_div_(outputs, sharding.world_size)
             for (sharded, _), output in zip(pairs, outputs):
                 grad = output.to(sharded.dtype)
-                if sharded.grad is None:
-                    sharded.grad = DTensor.from_local(grad, sharding.mesh, [Shard(0)], run_check=False)
+                if sharded.grad is None:  # the parameter's own spec: same mesh, placement, shape and dtype
+                    sharded.grad = DTensor(grad, sharded._spec, requires_grad=False)
                 else:  # accumulation over micro-batches, as FSDP2 sums them into the shards
-                    sharded.grad.to_local().add_(grad)
+                    sharded.grad._local_tensor.add_(grad)
         sharding.being_reduced = (inputs, sharding.record(sharding.reduce_stream))
 
     # The hooks. A compiled block runs them eagerly.
@@ -184,15 +188,19 @@ class PerParamSharding:
     """The units of one model and what they share: mesh, dtypes, the gather and reduce streams,
     the gradients being reduced, the end of backward."""
 
-    def __init__(self, mesh: DeviceMesh, *, param_dtype: torch.dtype, reduce_dtype: torch.dtype):
+    def __init__(self, mesh: DeviceMesh, *, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+                 copy_engine_group: dist.ProcessGroup | None = None):
         if mesh.ndim != 1:
             raise ValueError("parallelism.sharding=per-param shards over one mesh dimension: set "
                              "parallelism.dp_replicate to 1 (HSDP needs parallelism.sharding=fsdp2)")
         self.mesh, self.group = mesh, mesh.get_group()
-        self.world_size = self.group.size()
+        self.world_size, self.rank = self.group.size(), self.group.rank()
+        # all_gather=copy-engine: gathered tensors in NCCL symmetric memory, gathered on a zero-CTA communicator.
+        self.copy_engine = copy_engine_group is not None
+        self.gather_group = copy_engine_group or self.group
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
-        self.reduce_op = dist.ReduceOp.AVG if dist.get_backend(self.group) == "nccl" else dist.ReduceOp.SUM
         cuda = mesh.device_type == "cuda"
+        self.reduce_op = dist.ReduceOp.AVG if cuda else dist.ReduceOp.SUM  # NCCL averages; gloo only sums
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.gather_stream = torch.cuda.Stream() if cuda else None
         self.reduce_stream = torch.cuda.Stream() if cuda else None
@@ -220,6 +228,21 @@ class PerParamSharding:
             return output
 
         setattr(module, name, gathered)
+
+    def gathered_memory(self):
+        """Where gathered tensors are allocated: NCCL's registered pool for copy-engine all-gathers
+        (registered once per segment, reused by every unit), else the caching allocator."""
+        if not self.copy_engine:
+            return contextlib.nullcontext()
+        return torch.cuda.use_mem_pool(symm_mem.get_mem_pool(self.device))
+
+    def place_shard(self, param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        """Copy this rank's shard into its rows of `param` (a memcpy: the copy engines, not SMs),
+        register `param`, and return those rows: the input of an in-place all-gather."""
+        mine = param.view(-1).narrow(0, self.rank * shard.numel(), shard.numel())
+        mine.copy_(shard.view(-1))
+        symm_mem.rendezvous(param, group=self.gather_group.group_name)
+        return mine
 
     @contextlib.contextmanager
     def after_computation(self, event: torch.cuda.Event | None = None):
@@ -287,11 +310,14 @@ class PerParamSharding:
 
 
 def shard_per_parameter(model: nn.Module, mesh: DeviceMesh, *, kept_gathered: int, param_dtype: torch.dtype,
-                        reduce_dtype: torch.dtype) -> PerParamSharding:
+                        reduce_dtype: torch.dtype, copy_engine_group: dist.ProcessGroup | None = None
+                        ) -> PerParamSharding:
     """Shard `model` (built on the meta device; `to_empty` and `init_weights` follow) with one unit
     per decoder block and one for the root; the last `kept_gathered` blocks keep their gathered
-    parameters from forward to backward."""
-    sharding = PerParamSharding(mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    parameters from forward to backward. With `copy_engine_group` (a zero-CTA communicator over
+    the mesh's ranks) the all-gathers run on the GPUs' copy engines."""
+    sharding = PerParamSharding(mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                copy_engine_group=copy_engine_group)
     for name, param in model.named_parameters():
         if param.dim() == 0 or param.shape[0] % sharding.world_size:
             raise ValueError(f"parallelism.sharding=per-param splits dim 0 of every parameter evenly over the "
