@@ -86,16 +86,17 @@ class Unit:
         if not self.gathered:
             self._make_gathered()
         sharding = self.sharding
-        inputs = [s._local_tensor.to(sharding.param_dtype) for s in self.sharded]  # a cast only without masters
         with sharding.gathered_memory():
             for param in self.gathered:
                 param.untyped_storage().resize_(param.numel() * param.element_size())
         # Writing the same data again: what autograd saved of these tensors in forward stays valid.
         with sharding.after_computation(self.update_event), \
                 torch.autograd._unsafe_preserve_version_counter(tuple(self.gathered)):
+            # A cast (only without master weights) is made, read and freed on the gather stream.
+            inputs = [s._local_tensor.to(sharding.param_dtype) for s in self.sharded]
             if sharding.copy_engine:  # gather in place, between registered buffers
                 inputs = [sharding.place_shard(param, shard) for param, shard in zip(self.gathered, inputs)]
-            with sharding.coalesced():
+            with sharding.coalesced(sharding.gather_group):
                 for param, shard in zip(self.gathered, inputs):
                     _all_gather(param, shard, group=sharding.gather_group)
             self.gather_event = sharding.record()
@@ -140,7 +141,7 @@ class Unit:
         for _, gathered in pairs:
             gathered.grad = None
         with sharding.on_reduce_stream():
-            with sharding.coalesced():
+            with sharding.coalesced(sharding.group):
                 for output, full in zip(outputs, inputs):
                     _reduce_scatter(output, full, op=sharding.reduce_op, group=sharding.group)
             if sharding.reduce_op == dist.ReduceOp.SUM:
@@ -151,7 +152,8 @@ class Unit:
                     sharded.grad = DTensor(grad, sharded._spec, requires_grad=False)
                 else:  # accumulation over micro-batches, as FSDP2 sums them into the shards
                     sharded.grad._local_tensor.add_(grad)
-        sharding.being_reduced = (inputs, sharding.record(sharding.reduce_stream))
+        # Made on the computation's stream, read or written by the reduce-scatter: kept until it is done.
+        sharding.being_reduced = (inputs + outputs, sharding.record(sharding.reduce_stream))
 
     # The hooks. A compiled block runs them eagerly.
 
@@ -270,9 +272,9 @@ class PerParamSharding:
         stream = stream or self.gather_stream
         return stream.record_event() if stream is not None else None
 
-    def coalesced(self):
-        """A unit's collectives as one group: one launch."""
-        return dist._coalescing_manager(group=self.group, device=self.device if self.device.type == "cuda" else None)
+    def coalesced(self, group: dist.ProcessGroup):
+        """A unit's collectives on `group` as one group: one launch."""
+        return dist._coalescing_manager(group=group, device=self.device if self.device.type == "cuda" else None)
 
     def release_reduced(self) -> None:
         """Let the last reduce-scatter's inputs be freed: the computation reuses their memory only
