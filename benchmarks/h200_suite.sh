@@ -35,7 +35,7 @@
 # GPU: FSDP2's three copies for one Bamba-9B block, torch's kernels against a memcpy per piece on the copy
 # engines, alone and beside a matmul; benchmarks/copies_check.py), per-param-1gpu (one GPU: bamba-1b's trainer
 # with the kept options under parallelism.sharding=per-param, on NCCL's all-gathers then copy engines, and fsdp2; losses
-# compared, the kernels of two profiled steps counted; $PP_RUNS picks the runs), bamba-9b-per-param (the kept configuration on NCCL's all-gathers
+# compared, the kernels of two profiled steps counted; $PP_RUNS picks the runs, $PP_SET adds overrides), bamba-9b-per-param (the kept configuration on NCCL's all-gathers
 # with FSDP2, then per-param sharding on NCCL's all-gathers, then on copy engines, plus $PP_SET, then as kept).
 # Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
@@ -171,7 +171,7 @@ for group in $groups; do
         sharding=${run%:*} engine=${run#*:}
         bench 1b-$sharding-$engine-1gpu 300 python $pp --run-name $sharding-$engine --set parallelism.reduce_dtype=bfloat16 \
           parallelism.reshard_after_forward=keep-last-16 optimizer.overlap_step=true optimizer.master_weights=true \
-          parallelism.sharding=$sharding parallelism.all_gather=$engine profiling.enable=true profiling.start_step=9
+          parallelism.sharding=$sharding parallelism.all_gather=$engine profiling.enable=true profiling.start_step=9 ${PP_SET:-}
         python -m fms_bamba.profiling /tmp/pp1/$sharding-$engine/profile/rank0.json.gz 2 --count AllGather ReduceScatter \
           Memcpy split_with_sizes chunk_cat foreach_copy | tee "$out/per-param-1gpu-kernels-$sharding-$engine.txt"
         sed -n '/^per step/,/longest/p' /tmp/pp1/$sharding-$engine/profile/rank0.txt
