@@ -160,7 +160,9 @@ class UpdateBesideForward:
 
     FSDP's all-gather streams run in order, so once a block's forward has waited, every later
     gather of it (backward, the evaluation's decoding) follows the update too. Anything gathering a
-    block before its next forward must synchronize first (a checkpoint's copy does)."""
+    block before its next forward must synchronize first (a checkpoint's copy does). Under
+    parallelism.sharding=per-param each unit keeps its event and its next all-gather waits for
+    it, which also covers a gather prefetched before the block's own forward."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
@@ -174,7 +176,7 @@ class UpdateBesideForward:
         self.params = [param_of.get(p, p) for groups in self.unit_groups for params in groups for p in params]
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self.block_events: list[torch.cuda.Event | None] = [None] * len(blocks)
-        # parallelism.sharding=per-param: its units (the root, then the blocks) take the events themselves.
+        # parallelism.sharding=per-param: its units (the root, then the blocks, as here) take the events.
         self.sharding = getattr(model, "per_param_sharding", None)
         if self.stream is not None and self.sharding is None:
             for index, block in enumerate(blocks):  # before FSDP's own pre-forward, which all-gathers
