@@ -35,8 +35,9 @@
 # GPU: FSDP2's three copies for one Bamba-9B block, torch's kernels against a memcpy per piece on the copy
 # engines, alone and beside a matmul; benchmarks/copies_check.py), per-param-1gpu (one GPU: bamba-1b's trainer
 # with the kept options under parallelism.sharding=per-param, on NCCL's all-gathers then copy engines, and fsdp2; losses
-# compared, the kernels of two profiled steps counted; $PP_RUNS picks the runs, $PP_SET adds overrides), bamba-9b-per-param (the kept configuration on NCCL's all-gathers
-# with FSDP2, then per-param sharding on NCCL's all-gathers, then on copy engines, plus $PP_SET, then as kept).
+# compared, the kernels of two profiled steps counted; $PP_RUNS picks the runs, $PP_SET adds overrides), bamba-9b-per-param
+# (the kept configuration with parallelism.sharding=per-param, its all-gathers on each engine in $PP_ENGINES, default
+# copy-engine, plus $PP_SET; then as kept, in the same call).
 # Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
 # output is kept in OUT_DIR/<name>.log.
@@ -179,11 +180,11 @@ for group in $groups; do
       for run in /tmp/pp1/per-param-*; do
         python benchmarks/compare_losses.py $run /tmp/pp1/fsdp2-nccl | tee "$out/per-param-1gpu-losses-${run##*/}.txt"
       done ;;
-    bamba-9b-per-param)  # the kept configuration's FSDP2 on NCCL's all-gathers; per-param sharding on them, then on copy engines; as kept
-      bench 9b-final-nccl 240 $torchrun2 $final9b parallelism.all_gather=nccl
-      bench 9b-per-param-nccl 300 $torchrun2 $final9b parallelism.all_gather=nccl parallelism.sharding=per-param ${PP_SET:-}
-      bench 9b-per-param-copy-engine 300 $torchrun2 $final9b parallelism.sharding=per-param ${PP_SET:-}
-      bench 9b-final-copy-engine 240 $torchrun2 $final9b ;;
+    bamba-9b-per-param)  # the kept configuration with per-param sharding (all-gathers on each engine in $PP_ENGINES, default copy-engine), then as kept
+      for engine in ${PP_ENGINES:-copy-engine}; do
+        bench 9b-per-param-$engine 300 $torchrun2 $final9b parallelism.sharding=per-param parallelism.all_gather=$engine ${PP_SET:-}
+      done
+      bench 9b-final 300 $torchrun2 $final9b ;;
     bamba-9b-power)  # the kept configuration, with clocks and power sampled: is the step held back by the power limit?
       nvidia-smi --query-gpu=index,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.sw_power_cap \
         --format=csv -lms 500 > "$out/9b-power.csv" &
