@@ -140,7 +140,7 @@ class ParallelismSection:
     all-gather into symmetric memory: no SM time; one node, CUDA, NCCL >= 2.28)."""
     sharding: str = "fsdp2"
     """fsdp2 (torch's fully_shard: each collective goes through one packed buffer, copied in and out) |
-    per-param (ours: each parameter's collectives read and write it in place; no HSDP)."""
+    per-param (ours: each parameter's collectives read and write it in place)."""
 
 
 @dataclass

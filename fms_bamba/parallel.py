@@ -99,9 +99,6 @@ def check_fsdp_options(cfg: ParallelismSection, device_type: str) -> None:
         raise ValueError(f"parallelism.all_gather=copy-engine needs CUDA devices (NCCL), not {device_type}")
     if cfg.sharding not in SHARDINGS:
         raise ValueError(f"parallelism.sharding must be one of {SHARDINGS}, got {cfg.sharding!r}")
-    if cfg.sharding == "per-param" and cfg.dp_replicate != 1:
-        raise ValueError("parallelism.sharding=per-param shards over one mesh dimension: it needs "
-                         f"parallelism.dp_replicate=1, got {cfg.dp_replicate} (HSDP needs sharding=fsdp2)")
 
 
 ZERO_CTA_POLICY = 2

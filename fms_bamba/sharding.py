@@ -11,7 +11,8 @@ gradient shard; one unit's collectives go to the backend as one group.
 The rest follows FSDP2. The units are the decoder blocks and the root (what is left: embedding,
 final norm, LM head). A unit gathers before its forward and, unless it keeps them for backward,
 frees the gathered tensors after it; backward gathers each unit again (the next one is
-prefetched), and reduce-scatters a unit's gradients as soon as they have all arrived. Between
+prefetched), and reduce-scatters a unit's gradients as soon as they have all arrived (under HSDP
+then all-reduces them over the replicas, once per step). Between
 steps the modules hold the sharded parameters, so the optimizer, the gradient norm and the
 checkpoint see exactly what they see under FSDP2."""
 
@@ -27,7 +28,7 @@ from torch.autograd import Variable
 from torch.distributed import _symmetric_memory as symm_mem
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils._pytree import tree_leaves
 
 # torch 2.13 renamed the tensor collectives (the old names warn); the GPU host's 2.11 has only the old ones.
@@ -53,6 +54,7 @@ class Unit:
         self.gather_event: torch.cuda.Event | None = None
         self.update_event: torch.cuda.Event | None = None  # the optimizer's, beside the forward
         self.grads_arrived = 0
+        self.partial: list[torch.Tensor] | None = None  # HSDP: earlier micro-batches, reduced over the shards only
         self.sharded = [self._shard(owner, leaf) for owner, leaf in slots]
         self._use(self.sharded)
 
@@ -60,7 +62,7 @@ class Unit:
         param = owner._parameters[leaf]
         local = torch.empty((param.shape[0] // self.sharding.world_size, *param.shape[1:]), dtype=param.dtype,
                             device=param.device)
-        return nn.Parameter(DTensor.from_local(local, self.sharding.mesh, [Shard(0)], run_check=False),
+        return nn.Parameter(DTensor.from_local(local, self.sharding.mesh, self.sharding.placements, run_check=False),
                             requires_grad=param.requires_grad)
 
     def _use(self, params: list[nn.Parameter]) -> None:
@@ -129,7 +131,9 @@ class Unit:
     @torch.no_grad()
     def reduce_scatter(self) -> None:
         """Reduce-scatter (the mean over ranks) the gathered gradients into the sharded ones, on the
-        reduce stream; the end of backward makes the computation wait for it."""
+        reduce stream; the end of backward makes the computation wait for it. Under HSDP the
+        shards are then all-reduced over the replicas, once per step: earlier micro-batches wait
+        in `partial` (as FSDP2's `set_requires_all_reduce`)."""
         self.grads_arrived = 0
         pairs = [(s, g) for s, g in zip(self.sharded, self.gathered) if g.grad is not None]
         if not pairs:
@@ -146,14 +150,32 @@ class Unit:
                     _reduce_scatter(output, full, op=sharding.reduce_op, group=sharding.group)
             if sharding.reduce_op == dist.ReduceOp.SUM:
                 torch._foreach_div_(outputs, sharding.world_size)
-            for (sharded, _), output in zip(pairs, outputs):
-                grad = output.to(sharded.dtype)
-                if sharded.grad is None:  # the parameter's own spec: same mesh, placement, shape and dtype
-                    sharded.grad = DTensor(grad, sharded._spec, requires_grad=False)
-                else:  # accumulation over micro-batches, as FSDP2 sums them into the shards
-                    sharded.grad._local_tensor.add_(grad)
+            if sharding.replicate_group is None or self._all_reduce(outputs):
+                for (sharded, _), output in zip(pairs, outputs):
+                    grad = output.to(sharded.dtype)
+                    if sharded.grad is None:  # the parameter's own spec: same mesh, placements, shape and dtype
+                        sharded.grad = DTensor(grad, sharded._spec, requires_grad=False)
+                    else:  # accumulation over micro-batches, as FSDP2 sums them into the shards
+                        sharded.grad._local_tensor.add_(grad)
         # Made on the computation's stream, read or written by the reduce-scatter: kept until it is done.
         sharding.being_reduced = (inputs + outputs, sharding.record(sharding.reduce_stream))
+
+    def _all_reduce(self, outputs: list[torch.Tensor]) -> bool:
+        """HSDP: add the micro-batches held back, then hold these back too (False) or all-reduce
+        them over the replicas (True: they are the step's gradient shards)."""
+        sharding = self.sharding
+        if self.partial is not None:
+            torch._foreach_add_(outputs, self.partial)
+            self.partial = None
+        if not sharding.requires_all_reduce:
+            self.partial = outputs
+            return False
+        with sharding.coalesced(sharding.replicate_group):
+            for output in outputs:
+                dist.all_reduce(output, op=sharding.reduce_op, group=sharding.replicate_group)
+        if sharding.reduce_op == dist.ReduceOp.SUM:
+            torch._foreach_div_(outputs, sharding.replicate_group.size())
+        return True
 
     # The hooks. A compiled block runs them eagerly.
 
@@ -192,10 +214,11 @@ class PerParamSharding:
 
     def __init__(self, mesh: DeviceMesh, *, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
                  copy_engine_group: dist.ProcessGroup | None = None):
-        if mesh.ndim != 1:
-            raise ValueError("parallelism.sharding=per-param shards over one mesh dimension: set "
-                             "parallelism.dp_replicate to 1 (HSDP needs parallelism.sharding=fsdp2)")
-        self.mesh, self.group = mesh, mesh.get_group()
+        # build_mesh's dims: ("dp_shard",), or ("dp_replicate", "dp_shard") for HSDP, whose shards FSDP2 places so too.
+        self.mesh, self.group = mesh, mesh.get_group("dp_shard")
+        self.replicate_group = mesh.get_group("dp_replicate") if mesh.ndim == 2 else None
+        self.placements = [Shard(0)] if mesh.ndim == 1 else [Replicate(), Shard(0)]
+        self.requires_all_reduce = True
         self.world_size, self.rank = self.group.size(), self.group.rank()
         # all_gather=copy-engine: gathered tensors in NCCL symmetric memory, gathered on a zero-CTA communicator.
         self.copy_engine = copy_engine_group is not None
@@ -216,6 +239,11 @@ class PerParamSharding:
         module.register_forward_pre_hook(unit.pre_forward)
         module.register_forward_hook(unit.post_forward)
         return unit
+
+    def set_requires_all_reduce(self, requires_all_reduce: bool) -> None:
+        """HSDP: whether this micro-batch's backward all-reduces over the replicas (the step's last
+        does; FSDP2's method of the same name)."""
+        self.requires_all_reduce = requires_all_reduce
 
     def register_forward_method(self, module: nn.Module, name: str) -> None:
         """Gather around `module.<name>(...)` as around its forward (decoding's prefill and step)."""

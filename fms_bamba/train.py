@@ -328,7 +328,8 @@ def train_step(model: Bamba, optimizer: torch.optim.Optimizer, batches, *, plan:
         batch = {key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
         if hsdp:
             # Replicas all-reduce gradients once per step, not once per micro-batch.
-            model.set_requires_all_reduce(micro == plan.grad_accum_steps - 1)
+            sharding = getattr(model, "per_param_sharding", model)  # ours, or FSDP2's root module
+            sharding.set_requires_all_reduce(micro == plan.grad_accum_steps - 1)
         loss = model(batch["input_ids"], doc_ids=batch["doc_ids"] if cfg.model.doc_masking else None,
                      labels=batch["labels"])
         if poison:

@@ -82,7 +82,6 @@ def test_one_rank_per_param_computes_what_the_plain_model_does(one_rank):
 
 @pytest.mark.parametrize("fields, message", [
     ({"sharding": "flat"}, "parallelism.sharding must be one of"),
-    ({"sharding": "per-param", "dp_replicate": 2}, "parallelism.dp_replicate=1, got 2"),
 ])
 def test_bad_sharding_options_are_named(fields, message):
     with pytest.raises(ValueError, match=message):

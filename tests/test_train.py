@@ -471,3 +471,18 @@ def test_per_param_sharding_accumulates_and_resumes_fsdp2_checkpoints(corpus, tm
     for run_dir in (runs["per-param"], resumed):
         assert_same_checkpoint(runs["fsdp2"] / CHECKPOINTS_FOLDER / checkpoint_dir_name(8),
                                run_dir / CHECKPOINTS_FOLDER / checkpoint_dir_name(8))
+
+
+@pytest.mark.slow
+def test_per_param_hsdp_trains_as_fsdp2_to_the_bit(corpus, tmp_path):
+    """HSDP, 2 replicas x 2 shards (4 processes), 2 micro-batches per step (the replicas all-reduce
+    once per step): per-param's losses, gradient norms and final checkpoint equal FSDP2's."""
+    settings = {"training.steps": 6, "metrics.log_interval": 2, "checkpoint.interval": 6,
+                "parallelism.dp_replicate": 2, "training.global_batch_sequences": 32}
+    runs = {}
+    for sharding in ("fsdp2", "per-param"):
+        runs[sharding] = tmp_path / sharding
+        torchrun(4, tiny_overrides(runs[sharding], corpus, **settings, **{"parallelism.sharding": sharding}))
+    fsdp2, per_param = (read_metrics(runs[s]) for s in ("fsdp2", "per-param"))
+    assert [(r["loss"], r["grad_norm"]) for r in per_param] == [(r["loss"], r["grad_norm"]) for r in fsdp2]
+    assert_same_checkpoint(*(runs[s] / CHECKPOINTS_FOLDER / checkpoint_dir_name(6) for s in ("fsdp2", "per-param")))
