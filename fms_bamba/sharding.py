@@ -37,13 +37,14 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_ten
 
 
 class Unit:
-    """One unit's parameters: Shard(0) DTensors (what the optimizer holds) between steps, whole
+    """One unit's parameters: DTensors sharded on dim 0 (what the optimizer holds) between steps, whole
     tensors (`gathered`) from its forward to its backward. A gathered tensor keeps its identity
     and only its storage is freed and allocated again, so what autograd saved in forward sees the
     data gathered again for backward.
 
-    Every allocation is made on the computation's stream, which frees and reuses memory in its
-    own order; the gather stream waits for an event recorded on it just after the allocation."""
+    Gathered tensors and gradient shards are allocated on the computation's stream, which frees
+    and reuses memory in its own order: the gather stream waits for it after each allocation, and
+    what the reduce stream reads is kept until the computation has waited for it."""
 
     def __init__(self, sharding: PerParamSharding, module: nn.Module, slots: list[tuple[nn.Module, str]], *,
                  reshard_after_forward: bool):
@@ -144,6 +145,7 @@ class Unit:
         outputs = [torch.empty_like(s._local_tensor, dtype=sharding.reduce_dtype) for s, _ in pairs]
         for _, gathered in pairs:
             gathered.grad = None
+        earlier = self.partial or []  # read below on the reduce stream
         with sharding.on_reduce_stream():
             with sharding.coalesced(sharding.group):
                 for output, full in zip(outputs, inputs):
@@ -158,7 +160,7 @@ class Unit:
                     else:  # accumulation over micro-batches, as FSDP2 sums them into the shards
                         sharded.grad._local_tensor.add_(grad)
         # Made on the computation's stream, read or written by the reduce-scatter: kept until it is done.
-        sharding.being_reduced = (inputs + outputs, sharding.record(sharding.reduce_stream))
+        sharding.being_reduced = (inputs + outputs + earlier, sharding.record(sharding.reduce_stream))
 
     def _all_reduce(self, outputs: list[torch.Tensor]) -> bool:
         """HSDP: add the micro-batches held back, then hold these back too (False) or all-reduce
