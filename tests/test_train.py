@@ -420,12 +420,12 @@ def test_build_model_with_master_weights_keeps_bf16_shards_of_the_fp32_init():
         assert torch.equal(param.full_tensor(), master.full_tensor().bfloat16()), name
 
 
-def run_both_shardings(tmp_path: Path, corpus: Path, name: str, settings: dict) -> dict[str, Path]:
-    """The same 2-process run under parallelism.sharding=fsdp2 and per-param."""
+def run_both_shardings(tmp_path: Path, corpus: Path, name: str, settings: dict, nproc: int = 2) -> dict[str, Path]:
+    """The same `nproc`-process run under parallelism.sharding=fsdp2 and per-param."""
     runs = {}
     for sharding in ("fsdp2", "per-param"):
         runs[sharding] = tmp_path / f"{name}-{sharding}"
-        torchrun(2, tiny_overrides(runs[sharding], corpus, **settings, **{"parallelism.sharding": sharding}))
+        torchrun(nproc, tiny_overrides(runs[sharding], corpus, **settings, **{"parallelism.sharding": sharding}))
     return runs
 
 
@@ -479,10 +479,7 @@ def test_per_param_hsdp_trains_as_fsdp2_to_the_bit(corpus, tmp_path):
     once per step): per-param's losses, gradient norms and final checkpoint equal FSDP2's."""
     settings = {"training.steps": 6, "metrics.log_interval": 2, "checkpoint.interval": 6,
                 "parallelism.dp_replicate": 2, "training.global_batch_sequences": 32}
-    runs = {}
-    for sharding in ("fsdp2", "per-param"):
-        runs[sharding] = tmp_path / sharding
-        torchrun(4, tiny_overrides(runs[sharding], corpus, **settings, **{"parallelism.sharding": sharding}))
+    runs = run_both_shardings(tmp_path, corpus, "hsdp", settings, nproc=4)
     fsdp2, per_param = (read_metrics(runs[s]) for s in ("fsdp2", "per-param"))
     assert [(r["loss"], r["grad_norm"]) for r in per_param] == [(r["loss"], r["grad_norm"]) for r in fsdp2]
     assert_same_checkpoint(*(runs[s] / CHECKPOINTS_FOLDER / checkpoint_dir_name(6) for s in ("fsdp2", "per-param")))
