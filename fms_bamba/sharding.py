@@ -14,7 +14,11 @@ frees the gathered tensors after it; backward gathers each unit again (the next 
 prefetched), and reduce-scatters a unit's gradients as soon as they have all arrived (under HSDP
 then all-reduces them over the replicas, once per step). Between
 steps the modules hold the sharded parameters, so the optimizer, the gradient norm and the
-checkpoint see exactly what they see under FSDP2."""
+checkpoint see exactly what they see under FSDP2.
+
+It leans on the torch internals FSDP2 itself uses: the coalescing manager, version counters kept
+across a storage's refill, DTensor's spec and local tensor, the autograd engine's end-of-backward
+callback. tests/test_train.py pins it to FSDP2's bits, so a torch upgrade that moves them shows."""
 
 from __future__ import annotations
 
