@@ -53,12 +53,13 @@ class Unit:
     def __init__(self, sharding: PerParamSharding, module: nn.Module, slots: list[tuple[nn.Module, str]], *,
                  reshard_after_forward: bool):
         self.sharding, self.module, self.slots = sharding, module, slots
+        self.index = len(sharding.units)  # in forward order: 0 is the root
         self.reshard_after_forward = reshard_after_forward
         self.gathered: list[nn.Parameter] = []  # made at the first gather, on the parameters' device
         self.state = "sharded"  # -> "pending" (all-gather issued) -> "gathered"
         self.gather_event: torch.cuda.Event | None = None
         self.update_event: torch.cuda.Event | None = None  # the optimizer's, beside the forward
-        self.grads_arrived = 0
+        self.grads_arrived, self.grads_expected = 0, 0
         self.partial: list[torch.Tensor] | None = None  # HSDP: earlier micro-batches, reduced over the shards only
         self.sharded = [self._shard(owner, leaf) for owner, leaf in slots]
         self._use(self.sharded)
@@ -81,6 +82,7 @@ class Unit:
             param.untyped_storage().resize_(0)
             if param.requires_grad:
                 param.register_post_accumulate_grad_hook(self._grad_arrived)
+                self.grads_expected += 1
             self.gathered.append(param)
 
     @torch.no_grad()
@@ -97,7 +99,7 @@ class Unit:
             for param in self.gathered:
                 param.untyped_storage().resize_(param.numel() * param.element_size())
         # Writing the same data again: what autograd saved of these tensors in forward stays valid.
-        with sharding.after_computation(self.update_event), \
+        with sharding.on(sharding.gather_stream, after=self.update_event), \
                 torch.autograd._unsafe_preserve_version_counter(tuple(self.gathered)):
             # A cast (only without master weights) is made, read and freed on the gather stream.
             inputs = [s._local_tensor.to(sharding.param_dtype) for s in self.sharded]
@@ -106,7 +108,7 @@ class Unit:
             with sharding.coalesced(sharding.gather_group):
                 for param, shard in zip(self.gathered, inputs):
                     _all_gather(param, shard, group=sharding.gather_group)
-            self.gather_event = sharding.record()
+            self.gather_event = sharding.record(sharding.gather_stream)
         self.update_event, self.state = None, "pending"
 
     def wait(self) -> None:
@@ -129,7 +131,7 @@ class Unit:
 
     def _grad_arrived(self, param: nn.Parameter) -> None:
         self.grads_arrived += 1
-        if self.grads_arrived == sum(p.requires_grad for p in self.gathered):
+        if self.grads_arrived == self.grads_expected:
             self.reduce_scatter()
             self.reshard()
 
@@ -150,12 +152,11 @@ class Unit:
         for _, gathered in pairs:
             gathered.grad = None
         earlier = self.partial or []  # read below on the reduce stream
-        with sharding.on_reduce_stream():
+        with sharding.on(sharding.reduce_stream):
             with sharding.coalesced(sharding.group):
                 for output, full in zip(outputs, inputs):
                     _reduce_scatter(output, full, op=sharding.reduce_op, group=sharding.group)
-            if sharding.reduce_op == dist.ReduceOp.SUM:
-                torch._foreach_div_(outputs, sharding.world_size)
+            sharding.finish_mean(outputs, sharding.world_size)
             if sharding.replicate_group is None or self._all_reduce(outputs):
                 for (sharded, _), output in zip(pairs, outputs):
                     grad = output.to(sharded.dtype)
@@ -179,8 +180,7 @@ class Unit:
         with sharding.coalesced(sharding.replicate_group):
             for output in outputs:
                 dist.all_reduce(output, op=sharding.reduce_op, group=sharding.replicate_group)
-        if sharding.reduce_op == dist.ReduceOp.SUM:
-            torch._foreach_div_(outputs, sharding.replicate_group.size())
+        sharding.finish_mean(outputs, sharding.replicate_group.size())
         return True
 
     # The hooks. A compiled block runs them eagerly.
@@ -281,30 +281,26 @@ class PerParamSharding:
         return mine
 
     @contextlib.contextmanager
-    def after_computation(self, event: torch.cuda.Event | None = None):
-        """On the gather stream, after what the computation's stream has queued (the optimizer's
-        writes to the shards, the last use of reused memory) and after `event`."""
-        if self.gather_stream is None:
+    def on(self, stream: torch.cuda.Stream | None, after: torch.cuda.Event | None = None):
+        """On `stream` (the gather or reduce stream; nothing without CUDA), after what the
+        computation's stream has queued (the optimizer's writes to the shards, the gradients, the
+        last use of reused memory) and after `after`."""
+        if stream is None:
             yield
             return
-        self.gather_stream.wait_stream(torch.cuda.current_stream())
-        if event is not None:
-            self.gather_stream.wait_event(event)
-        with torch.cuda.stream(self.gather_stream):
+        stream.wait_stream(torch.cuda.current_stream())
+        if after is not None:
+            stream.wait_event(after)
+        with torch.cuda.stream(stream):
             yield
 
-    @contextlib.contextmanager
-    def on_reduce_stream(self):
-        if self.reduce_stream is None:
-            yield
-            return
-        self.reduce_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.reduce_stream):
-            yield
-
-    def record(self, stream: torch.cuda.Stream | None = None) -> torch.cuda.Event | None:
-        stream = stream or self.gather_stream
+    def record(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
         return stream.record_event() if stream is not None else None
+
+    def finish_mean(self, tensors: list[torch.Tensor], ranks: int) -> None:
+        """After a collective with `reduce_op`: NCCL's AVG has averaged; gloo only sums, so divide."""
+        if self.reduce_op == dist.ReduceOp.SUM:
+            torch._foreach_div_(tensors, ranks)
 
     def coalesced(self, group: dist.ProcessGroup):
         """A unit's collectives on `group` as one group: one launch."""
@@ -320,13 +316,12 @@ class PerParamSharding:
             self.being_reduced = None
 
     def forward_next(self, unit: Unit) -> Unit | None:
-        index = self.units.index(unit)
-        return self.units[index + 1] if index + 1 < len(self.units) else None
+        return self.units[unit.index + 1] if unit.index + 1 < len(self.units) else None
 
     def backward_next(self, unit: Unit) -> Unit | None:
         """The unit whose backward comes after `unit`'s: the last block after the root's LM head,
         then the blocks in reverse; none after the first block (the root stays gathered)."""
-        index = self.units.index(unit)
+        index = unit.index
         return self.units[-1] if index == 0 else (self.units[index - 1] if index > 1 else None)
 
     def start_backward(self) -> None:
