@@ -37,7 +37,8 @@
 # with the kept options under parallelism.sharding=per-param, on NCCL's all-gathers then copy engines, and fsdp2; losses
 # compared, the kernels of two profiled steps counted; $PP_RUNS picks the runs, $PP_SET adds overrides), bamba-9b-per-param
 # (the kept configuration with parallelism.sharding=per-param, its all-gathers on each engine in $PP_ENGINES, default
-# copy-engine, plus $PP_SET; then as kept, in the same call).
+# copy-engine, plus $PP_SET; then as kept, in the same call), per-param-9b-1gpu (one GPU: the kept configuration at
+# Bamba-9B's width and $DEPTH blocks, default 12, under fsdp2 then per-param, $ROUNDS times, default 2, plus $PP_SET).
 # Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
 # output is kept in OUT_DIR/<name>.log.
@@ -185,6 +186,15 @@ for group in $groups; do
         bench 9b-per-param-$engine 300 $torchrun2 $final9b parallelism.sharding=per-param parallelism.all_gather=$engine ${PP_SET:-}
       done
       bench 9b-final 300 $torchrun2 $final9b ;;
+    per-param-9b-1gpu)  # one GPU: the kept configuration at Bamba-9B's width and $DEPTH blocks (default 12, attention at
+      # block 9), fsdp2 then per-param, $ROUNDS times (default 2), plus $PP_SET: the shardings' step time and memory at 9B shapes
+      depth=${DEPTH:-12}
+      for round in $(seq ${ROUNDS:-2}); do
+        for sharding in fsdp2 per-param; do
+          bench 9b-depth$depth-$sharding-1gpu-$round 300 python $final9b model.n_layers=$depth model.attn_layer_indices=[9] \
+            parallelism.sharding=$sharding ${PP_SET:-}
+        done
+      done ;;
     bamba-9b-power)  # the kept configuration, with clocks and power sampled: is the step held back by the power limit?
       nvidia-smi --query-gpu=index,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.sw_power_cap \
         --format=csv -lms 500 > "$out/9b-power.csv" &

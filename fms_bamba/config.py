@@ -43,6 +43,10 @@ class ModelSection:
     """Vocabulary size; null = the preset's (must cover every token id of the data)."""
     max_seq_len: int | None = None
     """Longest sequence the model accepts; null = training.seq_len."""
+    n_layers: int | None = None
+    """Decoder blocks; null = the preset's (fewer: the preset's width at a depth one GPU can hold)."""
+    attn_layer_indices: list[int] | None = None
+    """Which blocks are attention (0-based); null = the preset's."""
     mixer_impl: str = "auto"
     """Mamba-2 mixer implementation: auto (kernels on CUDA when installed) | reference | kernels."""
     attn_impl: str = "auto"

@@ -144,8 +144,9 @@ def build_model_config(cfg: JobConfig) -> BambaConfig:
     overrides = {"mixer_impl": cfg.model.mixer_impl, "attn_impl": cfg.model.attn_impl,
                  "doc_masking": cfg.model.doc_masking, "check_token_ids": False,
                  "max_seq_len": cfg.model.max_seq_len or cfg.training.seq_len}
-    if cfg.model.vocab_size is not None:
-        overrides["vocab_size"] = cfg.model.vocab_size
+    for name in ("vocab_size", "n_layers", "attn_layer_indices"):
+        if getattr(cfg.model, name) is not None:
+            overrides[name] = getattr(cfg.model, name)
     if overrides["max_seq_len"] < cfg.training.seq_len:
         raise ConfigError(f"model.max_seq_len ({cfg.model.max_seq_len}) is below training.seq_len "
                           f"({cfg.training.seq_len})")

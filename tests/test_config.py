@@ -168,3 +168,15 @@ def test_replace_fields_types_overrides_of_any_dataclass():
     assert config.hidden_size == base.hidden_size
     with pytest.raises(ConfigError, match="did you mean loss_chunk_tokens"):
         replace_fields(base, ["loss_chunk=32"])
+
+
+def test_model_depth_overrides_build_a_shallower_preset():
+    from fms_bamba.train import build_model_config
+
+    cfg = load_job_config(None, ["model.preset=bamba-9b", "model.n_layers=4", "model.attn_layer_indices=[1]"])
+    model = build_model_config(cfg)
+    assert (model.n_layers, model.attn_layer_indices, model.hidden_size) == (4, (1,), 4096)
+    assert build_model_config(load_job_config(None, ["model.preset=bamba-9b"])).n_layers == 32
+    # The preset's attention blocks (9, 18, 27) do not fit 12 blocks: the error names the field.
+    with pytest.raises(ConfigError, match=r"model: .*attn_layer_indices: 18 .*n_layers=12"):
+        build_model_config(load_job_config(None, ["model.preset=bamba-9b", "model.n_layers=12"]))
