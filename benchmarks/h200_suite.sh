@@ -37,8 +37,11 @@
 # with the kept options under parallelism.sharding=per-param, on NCCL's all-gathers then copy engines, and fsdp2; losses
 # compared, the kernels of two profiled steps counted; $PP_RUNS picks the runs, $PP_SET adds overrides), bamba-9b-per-param
 # (the kept configuration with parallelism.sharding=per-param, its all-gathers on each engine in $PP_ENGINES, default
-# copy-engine, plus $PP_SET; then as kept, in the same call), per-param-9b-1gpu (one GPU: the kept configuration at
-# Bamba-9B's width and $DEPTH blocks, default 12, under fsdp2 then per-param, $ROUNDS times, default 2, plus $PP_SET).
+# copy-engine, plus $PP_SET; then as kept, in the same call), depth-9b-1gpu (one GPU: the kept configuration at
+# Bamba-9B's width and $DEPTH blocks, default 12, once per override set in $VARIANTS, ';' between sets, default
+# "parallelism.sharding=fsdp2;parallelism.sharding=per-param", $ROUNDS times, default 2), float8-check (one GPU: each
+# Linear of a Bamba-9B block in bf16 and fp8, benchmarks/float8_check.py).
+# $NPROC sets the GPUs of the groups that run on two (default 2).
 # Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
 # output is kept in OUT_DIR/<name>.log.
@@ -63,7 +66,7 @@ bench() {  # name, seconds allowed, command...
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   echo "exit $? after $((SECONDS - start)) s"; grep -E "^(preset|step time|tokens/s/GPU|MFU|peak memory)|sync save|async|blocked" "$out/$name.log" || tail -5 "$out/$name.log"
 }
-torchrun2="torchrun --standalone --nproc_per_node=2"
+torchrun2="torchrun --standalone --nproc_per_node=${NPROC:-2}"
 
 for group in $groups; do
   case $group in
@@ -186,15 +189,19 @@ for group in $groups; do
         bench 9b-per-param-$engine 300 $torchrun2 $final9b parallelism.sharding=per-param parallelism.all_gather=$engine ${PP_SET:-}
       done
       bench 9b-final 300 $torchrun2 $final9b ;;
-    per-param-9b-1gpu)  # one GPU: the kept configuration at Bamba-9B's width and $DEPTH blocks (default 12, attention at
-      # block 9), fsdp2 then per-param, $ROUNDS times (default 2), plus $PP_SET: the shardings' step time and memory at 9B shapes
+    depth-9b-1gpu)  # one GPU: the kept configuration at Bamba-9B's width and $DEPTH blocks (default 12, attention at
+      # block 9), once per override set in $VARIANTS (';' between sets; default fsdp2, then per-param), $ROUNDS times (default 2)
       depth=${DEPTH:-12}
+      IFS=';' read -ra variants <<< "${VARIANTS:-parallelism.sharding=fsdp2;parallelism.sharding=per-param}"
       for round in $(seq ${ROUNDS:-2}); do
-        for sharding in fsdp2 per-param; do
-          bench 9b-depth$depth-$sharding-1gpu-$round 300 python $final9b model.n_layers=$depth model.attn_layer_indices=[9] \
-            parallelism.sharding=$sharding ${PP_SET:-}
+        for index in "${!variants[@]}"; do
+          bench 9b-depth$depth-variant$index-round$round 300 python $final9b model.n_layers=$depth \
+            model.attn_layer_indices=[9] ${variants[$index]}
         done
       done ;;
+    float8-check)  # one GPU: each Linear of a Bamba-9B block in bf16 and fp8, time and error against float64
+      bench float8-check 300 python benchmarks/float8_check.py
+      grep -E "ms .*TFLOP" "$out/float8-check.log" ;;
     bamba-9b-power)  # the kept configuration, with clocks and power sampled: is the step held back by the power limit?
       nvidia-smi --query-gpu=index,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.sw_power_cap \
         --format=csv -lms 500 > "$out/9b-power.csv" &

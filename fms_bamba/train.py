@@ -29,6 +29,7 @@ from fms_bamba.evaluate import Validator
 from fms_bamba.generate import copy_tokenizer
 from fms_bamba.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
+from fms_bamba.model.float8 import convert_to_float8
 from fms_bamba.optim import (
     UpdateBesideForward,
     build_lr_scheduler,
@@ -194,6 +195,9 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
     model_cfg = build_model_config(cfg)
     if cfg.training.dtype not in DTYPES:
         raise ConfigError(f"training.dtype must be one of {tuple(DTYPES)}, got {cfg.training.dtype!r}")
+    if cfg.training.float8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ConfigError(f"training.float8 needs fp8 matmuls (compute capability 8.9 or later); "
+                          f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
     if cfg.optimizer.master_weights and cfg.training.dtype == "float32":
         raise ConfigError("optimizer.master_weights keeps fp32 masters of a bf16 model: it needs training.dtype "
                           "bfloat16, got float32")
@@ -283,6 +287,8 @@ def build_model(model_cfg: BambaConfig, mesh: DeviceMesh, cfg: JobConfig, device
     torch.manual_seed(cfg.job.seed)
     with torch.device("meta"):
         model = Bamba(model_cfg)
+    if cfg.training.float8:
+        convert_to_float8(model)
     masters = cfg.optimizer.master_weights
     compute_dtype = DTYPES[cfg.training.dtype] if device.type == "cuda" or masters else torch.float32
     if masters:  # before sharding, so FSDP's shards, gathers and gradients are all of this dtype
