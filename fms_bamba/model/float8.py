@@ -6,6 +6,10 @@ scaled so that its largest magnitude maps to the format's largest finite value, 
 multiplies the two inverse scales back in before writing bf16. The weights stay bf16 (or fp32)
 parameters: only the matmuls change, so checkpoints, sharding and export are as without it.
 
+This is coarser than bf16, and by design: e4m3 keeps 3 mantissa bits, so each matmul's result is
+off by ~4% (relative RMS) where bf16's is off by ~0.2%, and a run's loss curve strays further from
+the bf16 one than bf16's does from float32 (docs/performance.md has both measured).
+
 The forward saves the input in fp8 (half of bf16) and the weight as is; backward casts the weight
 again, transposed, so no fp8 copy of a gathered weight outlives its forward."""
 
@@ -17,9 +21,11 @@ from torch import nn
 
 FORWARD_DTYPE = torch.float8_e4m3fn
 GRADIENT_DTYPE = torch.float8_e5m2
-# Linears that stay in bf16: the LM head (its loss is fused with it, docs/model.md) and Mamba-2's
-# out_proj, which mamba-ssm's fused kernel applies on the CUDA path.
-EXCLUDED = ("output", "out_proj")
+# The Linears made fp8: the MLP's and Mamba-2's in_proj, about 88% of a Bamba-9B block's matmul
+# FLOPs. The rest stay bf16: the LM head (its loss is fused with it, docs/model.md), Mamba-2's
+# out_proj (mamba-ssm's fused kernel applies it on the CUDA path), and attention's projections,
+# which at Bamba-9B's sizes ran no faster in fp8 (k and v slower; benchmarks/float8_check.py).
+CONVERTED = ("gate_proj", "up_proj", "down_proj", "in_proj")
 
 
 def to_float8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +75,11 @@ class Float8Linear(nn.Linear):
 
 
 def convert_to_float8(model: nn.Module) -> list[str]:
-    """Make every bias-free nn.Linear outside EXCLUDED a Float8Linear, in place (same parameters,
+    """Make every bias-free nn.Linear named in CONVERTED a Float8Linear, in place (same parameters,
     same names); returns the converted modules' names."""
     converted = []
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and module.bias is None and name.rsplit(".", 1)[-1] not in EXCLUDED:
+        if type(module) is nn.Linear and module.bias is None and name.rsplit(".", 1)[-1] in CONVERTED:
             module.__class__ = Float8Linear
             converted.append(name)
     return converted
