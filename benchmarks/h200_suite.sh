@@ -35,12 +35,11 @@
 # GPU: FSDP2's three copies for one Bamba-9B block, torch's kernels against a memcpy per piece on the copy
 # engines, alone and beside a matmul; benchmarks/copies_check.py), per-param-1gpu (one GPU: bamba-1b's trainer
 # with the kept options under parallelism.sharding=per-param, on NCCL's all-gathers then copy engines, and fsdp2; losses
-# compared, the kernels of two profiled steps counted; $PP_RUNS picks the runs, $PP_SET adds overrides), bamba-9b-per-param
-# (the kept configuration with parallelism.sharding=per-param, its all-gathers on each engine in $PP_ENGINES, default
-# copy-engine, plus $PP_SET; then as kept, in the same call), depth-9b-1gpu (one GPU: the kept configuration at
-# Bamba-9B's width and $DEPTH blocks, default 12, once per override set in $VARIANTS, ';' between sets, default
-# "parallelism.sharding=fsdp2;parallelism.sharding=per-param", $ROUNDS times, default 2), float8-check (one GPU: each
-# Linear of a Bamba-9B block in bf16 and fp8, benchmarks/float8_check.py).
+# compared, the kernels of two profiled steps counted; $PP_RUNS picks the runs, $PP_SET adds overrides),
+# bamba-9b-variants (the kept configuration once per override set in $VARIANTS, ';' between sets, an empty set as kept;
+# default "parallelism.sharding=per-param;"; $ROUNDS times, default 1; with $DEPTH, Bamba-9B's width at that many
+# blocks, e.g. NPROC=1 DEPTH=12 on one GPU), float8-check (one GPU: each Linear of a Bamba-9B block in bf16 and fp8,
+# benchmarks/float8_check.py).
 # $NPROC sets the GPUs of the groups that run on two (default 2).
 # Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
@@ -184,19 +183,16 @@ for group in $groups; do
       for run in /tmp/pp1/per-param-*; do
         python benchmarks/compare_losses.py $run /tmp/pp1/fsdp2-nccl | tee "$out/per-param-1gpu-losses-${run##*/}.txt"
       done ;;
-    bamba-9b-per-param)  # the kept configuration with per-param sharding (all-gathers on each engine in $PP_ENGINES, default copy-engine), then as kept
-      for engine in ${PP_ENGINES:-copy-engine}; do
-        bench 9b-per-param-$engine 300 $torchrun2 $final9b parallelism.sharding=per-param parallelism.all_gather=$engine ${PP_SET:-}
-      done
-      bench 9b-final 300 $torchrun2 $final9b ;;
-    depth-9b-1gpu)  # one GPU: the kept configuration at Bamba-9B's width and $DEPTH blocks (default 12, attention at
-      # block 9), once per override set in $VARIANTS (';' between sets; default fsdp2, then per-param), $ROUNDS times (default 2)
-      depth=${DEPTH:-12}
-      IFS=';' read -ra variants <<< "${VARIANTS:-parallelism.sharding=fsdp2;parallelism.sharding=per-param}"
-      for round in $(seq ${ROUNDS:-2}); do
+    bamba-9b-variants)  # the kept configuration once per override set in $VARIANTS (';' between sets, an empty set
+      # is the kept configuration itself; default: per-param, then as kept), $ROUNDS times (default 1), on $NPROC GPUs
+      # (default 2); with $DEPTH, Bamba-9B's width at that many blocks (attention at block 9), e.g. NPROC=1 DEPTH=12 on one GPU
+      sets=${VARIANTS-parallelism.sharding=per-param;} variants=()
+      while [[ $sets == *";"* ]]; do variants+=("${sets%%;*}"); sets=${sets#*;}; done
+      variants+=("$sets")
+      depth=${DEPTH:+model.n_layers=$DEPTH model.attn_layer_indices=[9]}
+      for round in $(seq ${ROUNDS:-1}); do
         for index in "${!variants[@]}"; do
-          bench 9b-depth$depth-variant$index-round$round 300 python $final9b model.n_layers=$depth \
-            model.attn_layer_indices=[9] ${variants[$index]}
+          bench 9b${DEPTH:+-depth$DEPTH}-variant$index-round$round 300 $torchrun2 $final9b $depth ${variants[$index]}
         done
       done ;;
     float8-check)  # one GPU: each Linear of a Bamba-9B block in bf16 and fp8, time and error against float64

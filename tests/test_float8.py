@@ -10,7 +10,8 @@ from fms_bamba.model.float8 import FORWARD_DTYPE, GRADIENT_DTYPE, Float8Linear, 
 from fms_bamba.train import check_job, train
 from fms_bamba.parallel import DistInfo
 from fms_bamba.config import ConfigError, load_job_config
-from test_train import read_metrics, tiny_overrides, corpus  # noqa: F401  (corpus: a fixture)
+from fms_bamba.checkpoint import CHECKPOINTS_FOLDER, checkpoint_dir_name
+from test_train import assert_same_checkpoint, corpus, read_metrics, run_both_shardings, tiny_overrides  # noqa: F401 (corpus: a fixture)
 
 
 def test_to_float8_maps_the_largest_magnitude_to_the_formats_largest_value():
@@ -101,3 +102,16 @@ def test_float8_needs_an_fp8_capable_gpu(corpus, tmp_path, monkeypatch):  # noqa
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(ConfigError, match=r"training\.float8 needs fp8 matmuls .*NVIDIA A100 has \(8, 0\)"):
         check_job(cfg, DistInfo(rank=0, local_rank=0, world_size=1))
+
+
+@pytest.mark.slow
+def test_float8_under_both_shardings_with_weights_freed_between_forward_and_backward(corpus, tmp_path):  # noqa: F811
+    """2 ranks, every block resharded after forward, so the weight that Float8Matmul saves is freed
+    and gathered again for backward: FSDP2 and per-param give the same bits."""
+    runs = run_both_shardings(tmp_path, corpus, "float8", {
+        "training.float8": True, "training.steps": 6, "metrics.log_interval": 2, "checkpoint.interval": 6,
+        "parallelism.reshard_after_forward": "always"})
+    fsdp2, per_param = (read_metrics(runs[s]) for s in ("fsdp2", "per-param"))
+    assert [(r["loss"], r["grad_norm"]) for r in per_param] == [(r["loss"], r["grad_norm"]) for r in fsdp2]
+    assert fsdp2[-1]["loss"] < fsdp2[0]["loss"]
+    assert_same_checkpoint(*(runs[s] / CHECKPOINTS_FOLDER / checkpoint_dir_name(6) for s in ("fsdp2", "per-param")))
