@@ -19,10 +19,6 @@ from fms_bamba.model.float8 import Float8Matmul
 from model_kernels import time_fwd_bwd  # this folder's: the median of synchronised runs
 
 
-def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w)
-
-
 def relative_errors(matmul, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> list[float]:
     x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
     y = matmul(x, w)
@@ -52,7 +48,7 @@ def main() -> None:
         w = (torch.randn(n_out, n_in, device="cuda") * n_in ** -0.5).to(torch.bfloat16)
         dy = (torch.randn(args.tokens, n_out, device="cuda") * 1e-3).to(torch.bfloat16)  # a loss gradient's scale
         flops = 6 * args.tokens * n_in * n_out
-        for label, matmul in (("bf16", bf16_matmul), ("fp8", Float8Matmul.apply)):
+        for label, matmul in (("bf16", F.linear), ("fp8", Float8Matmul.apply)):
             compiled = torch.compile(matmul)
             xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
             ms = time_fwd_bwd(lambda: compiled(xg, wg).backward(dy), torch.device("cuda"), args.iters)

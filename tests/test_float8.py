@@ -5,14 +5,15 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from fms_bamba.model import Bamba, BambaConfig
-from fms_bamba.model.float8 import FORWARD_DTYPE, GRADIENT_DTYPE, Float8Linear, Float8Matmul, convert_to_float8, to_float8
-from fms_bamba.train import check_job, train
-from fms_bamba.parallel import DistInfo
-from fms_bamba.config import ConfigError, load_job_config
 from fms_bamba.checkpoint import CHECKPOINTS_FOLDER, checkpoint_dir_name
-from test_train import assert_same_checkpoint, corpus, read_metrics, run_both_shardings, tiny_overrides  # noqa: F401 (corpus: a fixture)
-
+from fms_bamba.config import ConfigError, load_job_config
+from fms_bamba.model import Bamba, BambaConfig
+from fms_bamba.model.float8 import (FORWARD_DTYPE, GRADIENT_DTYPE, Float8Linear, Float8Matmul, convert_to_float8,
+                                    to_float8)
+from fms_bamba.parallel import DistInfo
+from fms_bamba.train import check_job, train
+from test_train import (assert_same_checkpoint, corpus, read_metrics, run_both_shardings,  # noqa: F401 (a fixture)
+                        tiny_overrides)
 
 def test_to_float8_maps_the_largest_magnitude_to_the_formats_largest_value():
     t = torch.tensor([[0.5, -3.0], [1e-3, 0.0]], dtype=torch.bfloat16)
@@ -89,7 +90,8 @@ def test_trainer_with_float8_trains_and_checkpoints_the_same_tensors(corpus, tmp
     # The same checkpoint layout: every tensor under the same key, shape and dtype.
     layouts = []
     for float8 in (False, True):
-        metadata = FileSystemReader(tmp_path / f"float8-{float8}" / "checkpoints" / "step-00000030").read_metadata()
+        checkpoint = tmp_path / f"float8-{float8}" / CHECKPOINTS_FOLDER / checkpoint_dir_name(30)
+        metadata = FileSystemReader(checkpoint).read_metadata()
         layouts.append({key: (tuple(item.size), item.properties.dtype)
                         for key, item in metadata.state_dict_metadata.items() if hasattr(item, "size")})
     assert layouts[0] == layouts[1] and any(key.endswith("mlp.gate_proj.weight") for key in layouts[0])

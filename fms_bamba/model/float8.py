@@ -21,10 +21,11 @@ from torch import nn
 
 FORWARD_DTYPE = torch.float8_e4m3fn
 GRADIENT_DTYPE = torch.float8_e5m2
-# The Linears made fp8: the MLP's and Mamba-2's in_proj, about 88% of the linear layers' FLOPs in
-# a Bamba-9B Mamba-2 block. The rest stay bf16: the LM head (its loss is fused with it, docs/model.md), Mamba-2's
-# out_proj (mamba-ssm's fused kernel applies it on the CUDA path), and attention's projections,
-# which at Bamba-9B's sizes ran no faster in fp8 (k and v slower; benchmarks/float8_check.py).
+# The Linears made fp8: the MLP's and Mamba-2's in_proj, about 88% of the linear layers' FLOPs
+# in a Bamba-9B Mamba-2 block. The rest stay bf16: the LM head (its loss is fused with it,
+# docs/model.md), Mamba-2's out_proj (mamba-ssm's fused kernel applies it on the CUDA path), and
+# attention's projections, which at Bamba-9B's sizes ran no faster in fp8 (k and v slower;
+# benchmarks/float8_check.py).
 CONVERTED = ("gate_proj", "up_proj", "down_proj", "in_proj")
 
 
