@@ -76,7 +76,7 @@ class TrainingSection:
     dtype: str = "bfloat16"
     """Parameter/compute dtype on GPU (bfloat16 | float32); gradients reduce in float32, CPU computes in float32."""
     float8: bool = False
-    """Training steps' matmuls of the MLPs and Mamba-2 in_proj in fp8, one scale per tensor (not within bf16's loss match); CUDA needs sm89+."""
+    """MLP and Mamba-2 in_proj matmuls of training steps in fp8, one scale per tensor (coarser than bf16); CUDA: sm89+."""
     max_consecutive_skips: int = 10
     """Stop with an error after this many optimizer steps in a row had a non-finite loss or gradient."""
     device: str = "auto"

@@ -195,9 +195,11 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
     model_cfg = build_model_config(cfg)
     if cfg.training.dtype not in DTYPES:
         raise ConfigError(f"training.dtype must be one of {tuple(DTYPES)}, got {cfg.training.dtype!r}")
-    if cfg.training.float8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        raise ConfigError(f"training.float8 needs fp8 matmuls (compute capability 8.9 or later); "
-                          f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
+    if cfg.training.float8 and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ConfigError(f"training.float8 needs fp8 matmuls (compute capability 8.9 or later); "
+                              f"{torch.cuda.get_device_name(device)} has {capability}")
     if cfg.optimizer.master_weights and cfg.training.dtype == "float32":
         raise ConfigError("optimizer.master_weights keeps fp32 masters of a bf16 model: it needs training.dtype "
                           "bfloat16, got float32")
