@@ -6,8 +6,9 @@
 # bamba-9b-mb2-compile (micro-batch 2), bamba-9b-profile (that run with torch.profiler on steps
 # 9-10: summary in OUT_DIR/9b-profile-rank0.txt), bamba-9b-fsdp-options (reshard_after_forward
 # and reduce_dtype, micro-batch 2, compile), bamba-9b-best (the fastest configuration, profiled on
-# steps 13-14), loss-match-1b (50 steps of bamba-1b on a learnable corpus: every throughput option,
-# plus the overrides in $FAST_SET, vs the reference mixer, eager, fp32 reduce), fused-op (the mixer's custom op vs mamba-ssm's
+# steps 13-14), loss-match-1b (50 steps of bamba-1b on a learnable corpus, 4 sequences per step: every
+# throughput option, plus the overrides in $FAST_SET, vs the reference mixer, eager, fp32 reduce; ';' between
+# override sets runs one fast run per set), fused-op (the mixer's custom op vs mamba-ssm's
 # direct call), loss-check (the fused LM-head cross-entropy vs float64, and its time and memory
 # against autograd), bamba-9b-final (the kept configuration), bamba-9b-overlap (it with and without
 # optimizer.overlap_step), bamba-9b-master (it with and without optimizer.master_weights), bamba-9b-nccl-proto
@@ -66,6 +67,11 @@ bench() {  # name, seconds allowed, command...
   echo "exit $? after $((SECONDS - start)) s"; grep -E "^(preset|step time|tokens/s/GPU|MFU|peak memory)|sync save|async|blocked" "$out/$name.log" || tail -5 "$out/$name.log"
 }
 torchrun2="torchrun --standalone --nproc_per_node=${NPROC:-2}"
+split_sets() {  # "a b;c;" -> override_sets=("a b" "c" ""): ';' between sets, an empty set being no overrides
+  local sets=$1; override_sets=()
+  while [[ $sets == *";"* ]]; do override_sets+=("${sets%%;*}"); sets=${sets#*;}; done
+  override_sets+=("$sets")
+}
 
 for group in $groups; do
   case $group in
@@ -98,12 +104,16 @@ for group in $groups; do
         profiling.enable=true profiling.start_step=13 profiling.steps=2
       cp /tmp/b9b/run/profile/rank0.txt "$out/9b-best-profile-rank0.txt"
       sed -n '/^per step/,/^$/p' "$out/9b-best-profile-rank0.txt" ;;
-    loss-match-1b)
-      lm="--preset bamba-1b $seq --micro-batch-size 2 --steps 50 --log-interval 1 --learnable-data --workdir /tmp/lm"
-      bench 1b-loss-fast 200 $torchrun2 benchmarks/train.py $lm --run-name fast --compile \
-        --set parallelism.reshard_after_forward=keep-last-16 parallelism.reduce_dtype=bfloat16 ${FAST_SET:-}
+    loss-match-1b)  # 4 sequences per step on any $NPROC, so one GPU sees the batch two GPUs see
+      lm="--preset bamba-1b $seq --micro-batch-size $((4 / ${NPROC:-2})) --steps 50 --log-interval 1 --learnable-data --workdir /tmp/lm"
       bench 1b-loss-reference 200 $torchrun2 benchmarks/train.py $lm --run-name reference --set model.mixer_impl=reference
-      python benchmarks/compare_losses.py /tmp/lm/fast /tmp/lm/reference | tee "$out/loss-match-1b.txt" ;;
+      split_sets "${FAST_SET:-}"
+      for i in "${!override_sets[@]}"; do  # one fast run per override set, each against the reference
+        bench 1b-loss-fast$i 200 $torchrun2 benchmarks/train.py $lm --run-name fast$i --compile \
+          --set parallelism.reshard_after_forward=keep-last-16 parallelism.reduce_dtype=bfloat16 ${override_sets[$i]}
+        echo "fast$i: ${override_sets[$i]}" | tee -a "$out/loss-match-1b.txt"
+        python benchmarks/compare_losses.py /tmp/lm/fast$i /tmp/lm/reference | tee -a "$out/loss-match-1b.txt"
+      done ;;
     fused-op)
       bench fused-op-check 180 python benchmarks/fused_op_check.py ;;
     loss-check)
@@ -186,13 +196,11 @@ for group in $groups; do
     bamba-9b-variants)  # the kept configuration once per override set in $VARIANTS (';' between sets, an empty set
       # is the kept configuration itself; default: per-param, then as kept), $ROUNDS times (default 1), on $NPROC GPUs
       # (default 2); with $DEPTH, Bamba-9B's width at that many blocks (attention at block 9), e.g. NPROC=1 DEPTH=12 on one GPU
-      sets=${VARIANTS-parallelism.sharding=per-param;} variants=()
-      while [[ $sets == *";"* ]]; do variants+=("${sets%%;*}"); sets=${sets#*;}; done
-      variants+=("$sets")
+      split_sets "${VARIANTS-parallelism.sharding=per-param;}"
       depth=${DEPTH:+model.n_layers=$DEPTH model.attn_layer_indices=[9]}
       for round in $(seq ${ROUNDS:-1}); do
-        for index in "${!variants[@]}"; do
-          bench 9b${DEPTH:+-depth$DEPTH}-variant$index-round$round 300 $torchrun2 $final9b $depth ${variants[$index]}
+        for index in "${!override_sets[@]}"; do
+          bench 9b${DEPTH:+-depth$DEPTH}-variant$index-round$round 300 $torchrun2 $final9b $depth ${override_sets[$index]}
         done
       done ;;
     float8-check)  # one GPU: each Linear of a Bamba-9B block in bf16 and fp8, time and error against float64
