@@ -106,7 +106,9 @@ for group in $groups; do
       sed -n '/^per step/,/^$/p' "$out/9b-best-profile-rank0.txt" ;;
     loss-match-1b)  # 4 sequences per step on any $NPROC, so one GPU sees the batch two GPUs see
       lm="--preset bamba-1b $seq --micro-batch-size $((4 / ${NPROC:-2})) --steps 50 --log-interval 1 --learnable-data --workdir /tmp/lm"
-      bench 1b-loss-reference 200 $torchrun2 benchmarks/train.py $lm --run-name reference --set model.mixer_impl=reference
+      # The reference mixer holds more activations: at most 2 sequences per micro-batch, accumulated to 4
+      bench 1b-loss-reference 300 $torchrun2 benchmarks/train.py $lm --run-name reference --micro-batch-size 2 \
+        --set model.mixer_impl=reference training.global_batch_sequences=4
       split_sets "${FAST_SET:-}"
       for i in "${!override_sets[@]}"; do  # one fast run per override set, each against the reference
         bench 1b-loss-fast$i 200 $torchrun2 benchmarks/train.py $lm --run-name fast$i --compile \
