@@ -1,6 +1,7 @@
 """Each Linear of a Bamba-9B block at the step's shapes (micro-batch 2 x 4096 tokens), in bf16 and in
-fp8 (`fms_bamba.model.float8`, `training.float8`): time of forward + backward, compiled as the
-trainer compiles a block, and each result's error against float64 on the same bf16 inputs.
+fp8 (`fms_bamba.model.float8`, `training.float8`) scaled per tensor ("fp8") and per row ("fp8 row",
+`training.float8_scaling=rowwise`): time of forward + backward, compiled as the trainer compiles a
+block, and each result's error against float64 on the same bf16 inputs.
 
     python benchmarks/float8_check.py [--tokens 8192] [--iters 20]     # one sm89+ GPU
 
@@ -48,12 +49,13 @@ def main() -> None:
         w = (torch.randn(n_out, n_in, device="cuda") * n_in ** -0.5).to(torch.bfloat16)
         dy = (torch.randn(args.tokens, n_out, device="cuda") * 1e-3).to(torch.bfloat16)  # a loss gradient's scale
         flops = 6 * args.tokens * n_in * n_out
-        for label, matmul in (("bf16", F.linear), ("fp8", Float8Matmul.apply)):
+        for label, matmul in (("bf16", F.linear), ("fp8", Float8Matmul.apply),
+                              ("fp8 row", lambda x, w: Float8Matmul.apply(x, w, "rowwise"))):
             compiled = torch.compile(matmul)
             xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
             ms = time_fwd_bwd(lambda: compiled(xg, wg).backward(dy), torch.device("cuda"), args.iters)
             errors = relative_errors(matmul, x, w, dy)
-            print(f"{name:<16} {n_in:>6} -> {n_out:<6} {label:<4} {ms:7.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s  "
+            print(f"{name:<16} {n_in:>6} -> {n_out:<6} {label:<7} {ms:7.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s  "
                   + " / ".join(f"{e:.1e}" for e in errors))
 
 

@@ -40,7 +40,7 @@
 # bamba-9b-variants (the kept configuration once per override set in $VARIANTS, ';' between sets, an empty set as kept;
 # default "parallelism.sharding=per-param;"; $ROUNDS times, default 1; with $DEPTH, Bamba-9B's width at that many
 # blocks, e.g. NPROC=1 DEPTH=12 on one GPU), float8-check (one GPU: each Linear of a Bamba-9B block in bf16 and fp8,
-# benchmarks/float8_check.py).
+# per tensor and per row, benchmarks/float8_check.py).
 # $NPROC sets the GPUs of the groups that run on two (default 2).
 # Default: the first five.
 # $STEPS_9B sets the steps of the kept configuration's runs (default 16; 12 before session 5). Each benchmark's whole
@@ -205,7 +205,7 @@ for group in $groups; do
           bench 9b${DEPTH:+-depth$DEPTH}-variant$index-round$round 300 $torchrun2 $final9b $depth ${override_sets[$index]}
         done
       done ;;
-    float8-check)  # one GPU: each Linear of a Bamba-9B block in bf16 and fp8, time and error against float64
+    float8-check)  # one GPU: each Linear of a Bamba-9B block in bf16 and fp8 (per tensor, per row), time and error against float64
       bench float8-check 300 python benchmarks/float8_check.py
       grep -E "ms .*TFLOP" "$out/float8-check.log" ;;
     bamba-9b-power)  # the kept configuration, with clocks and power sampled: is the step held back by the power limit?

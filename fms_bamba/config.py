@@ -76,7 +76,9 @@ class TrainingSection:
     dtype: str = "bfloat16"
     """Parameter/compute dtype on GPU (bfloat16 | float32); gradients reduce in float32, CPU computes in float32."""
     float8: bool = False
-    """MLP and Mamba-2 in_proj matmuls of training steps in fp8, one scale per tensor (coarser than bf16); CUDA: sm89+."""
+    """MLP and Mamba-2 in_proj matmuls of training steps in fp8, scaled as float8_scaling (coarser than bf16); CUDA: sm89+."""
+    float8_scaling: str = "tensorwise"
+    """With float8: tensorwise (one scale per tensor, gradients e5m2) | rowwise (one per row of each operand, all e4m3)."""
     max_consecutive_skips: int = 10
     """Stop with an error after this many optimizer steps in a row had a non-finite loss or gradient."""
     device: str = "auto"

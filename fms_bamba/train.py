@@ -29,7 +29,7 @@ from fms_bamba.evaluate import Validator
 from fms_bamba.generate import copy_tokenizer
 from fms_bamba.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
-from fms_bamba.model.float8 import convert_to_float8
+from fms_bamba.model.float8 import SCALINGS as FLOAT8_SCALINGS, convert_to_float8
 from fms_bamba.optim import (
     UpdateBesideForward,
     build_lr_scheduler,
@@ -195,6 +195,9 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
     model_cfg = build_model_config(cfg)
     if cfg.training.dtype not in DTYPES:
         raise ConfigError(f"training.dtype must be one of {tuple(DTYPES)}, got {cfg.training.dtype!r}")
+    if cfg.training.float8_scaling not in FLOAT8_SCALINGS:
+        raise ConfigError(f"training.float8_scaling must be one of {FLOAT8_SCALINGS}, "
+                          f"got {cfg.training.float8_scaling!r}")
     if cfg.training.float8 and device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if capability < (8, 9):
@@ -290,7 +293,7 @@ def build_model(model_cfg: BambaConfig, mesh: DeviceMesh, cfg: JobConfig, device
     with torch.device("meta"):
         model = Bamba(model_cfg)
     if cfg.training.float8:
-        convert_to_float8(model)
+        convert_to_float8(model, scaling=cfg.training.float8_scaling)
     masters = cfg.optimizer.master_weights
     compute_dtype = DTYPES[cfg.training.dtype] if device.type == "cuda" or masters else torch.float32
     if masters:  # before sharding, so FSDP's shards, gathers and gradients are all of this dtype

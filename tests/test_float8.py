@@ -8,8 +8,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from fms_bamba.checkpoint import CHECKPOINTS_FOLDER, checkpoint_dir_name
 from fms_bamba.config import ConfigError, load_job_config
 from fms_bamba.model import Bamba, BambaConfig
-from fms_bamba.model.float8 import (FORWARD_DTYPE, GRADIENT_DTYPE, Float8Linear, Float8Matmul, convert_to_float8,
-                                    to_float8)
+from fms_bamba.model.float8 import (FORWARD_DTYPE, GRADIENT_DTYPE, SCALINGS, Float8Linear, Float8Matmul,
+                                    convert_to_float8, to_float8)
 from fms_bamba.parallel import DistInfo
 from fms_bamba.train import check_job, train
 from test_train import (assert_same_checkpoint, corpus, read_metrics, run_both_shardings,  # noqa: F401 (a fixture)
@@ -23,29 +23,64 @@ def test_to_float8_maps_the_largest_magnitude_to_the_formats_largest_value():
         assert torch.allclose(t8.float() * inverse, t.float(), rtol=0.13, atol=0)  # within fp8's rounding
     zeros, inverse = to_float8(torch.zeros(4, 4), FORWARD_DTYPE)
     assert not zeros.float().any() and torch.isfinite(inverse)
+    # Along a dim: each row's (or column's) own largest magnitude, one scale per row (column).
+    largest = torch.finfo(FORWARD_DTYPE).max
+    rows, inverse = to_float8(t, FORWARD_DTYPE, dim=1)
+    assert inverse.shape == (2, 1) and rows.float().abs().amax(dim=1).tolist() == [largest, largest]
+    columns, inverse = to_float8(t, FORWARD_DTYPE, dim=0)
+    assert inverse.shape == (1, 2) and columns.float().abs().amax(dim=0).tolist() == [largest, largest]
 
 
-def dequantised(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    t8, inverse = to_float8(t, dtype)
+def dequantised(t: torch.Tensor, dtype: torch.dtype, dim: int | None = None) -> torch.Tensor:
+    t8, inverse = to_float8(t, dtype, dim)
     return t8.double() * inverse.double()
 
 
-def test_float8_matmul_is_the_product_of_its_fp8_operands():
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_float8_matmul_is_the_product_of_its_fp8_operands(scaling):
     torch.manual_seed(0)
     x = torch.randn(64, 128, dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(96, 128) * 0.05).to(torch.bfloat16).requires_grad_()
     dy = (torch.randn(64, 96) * 1e-3).to(torch.bfloat16)
-    out = Float8Matmul.apply(x, w)
+    out = Float8Matmul.apply(x, w, scaling)
     out.backward(dy)
     assert out.dtype == x.grad.dtype == w.grad.dtype == torch.bfloat16
-    x8, w8, g8 = dequantised(x, FORWARD_DTYPE), dequantised(w, FORWARD_DTYPE), dequantised(dy, GRADIENT_DTYPE)
+    # Tensorwise: one scale per operand, gradients e5m2. Rowwise: each operand scaled per slice along
+    # the dim its matmul reduces over (x and w per row in forward, w per column for the input
+    # gradient, dy and x per column for the weight gradient), all e4m3.
+    rowwise = scaling == "rowwise"
+    by_row, by_column = (1, 0) if rowwise else (None, None)
+    grad_dtype = FORWARD_DTYPE if rowwise else GRADIENT_DTYPE
+    expected = (dequantised(x, FORWARD_DTYPE, by_row) @ dequantised(w, FORWARD_DTYPE, by_row).t(),
+                dequantised(dy, grad_dtype, by_row) @ dequantised(w, FORWARD_DTYPE, by_column),
+                dequantised(dy, grad_dtype, by_column).t() @ dequantised(x, FORWARD_DTYPE, by_column))
     # Each result is the exact product of the scaled fp8 operands, rounded once to bf16.
-    for got, expected in ((out, x8 @ w8.t()), (x.grad, g8 @ w8), (w.grad, g8.t() @ x8)):
-        assert torch.allclose(got.double(), expected, rtol=2 ** -8, atol=expected.abs().max().item() * 1e-6)
-    # Against float64 of the bf16 inputs: fp8's error (a few percent), far above bf16's.
+    for got, product in zip((out, x.grad, w.grad), expected):
+        assert torch.allclose(got.double(), product, rtol=2 ** -8, atol=product.abs().max().item() * 1e-6)
+    # Against float64 of the bf16 inputs: fp8's error (a few percent), far above bf16's; rowwise's
+    # gradients, in e4m3, closer than tensorwise's e5m2.
     exact = (x.double() @ w.double().t(), dy.double() @ w.double(), dy.double().t() @ x.double())
     errors = [((got.double() - ref).norm() / ref.norm()).item() for got, ref in zip((out, x.grad, w.grad), exact)]
     assert 0.01 < errors[0] < 0.06 and all(0.02 < e < 0.1 for e in errors[1:]), errors
+    assert not rowwise or max(errors) < 0.05, errors
+
+
+def test_rowwise_keeps_ordinary_rows_accurate_beside_outlier_rows():
+    """A few rows 1e5 times the rest: one scale for the tensor pushes the ordinary rows below e4m3's
+    smallest normal (about 3e4 times below its largest), so their outputs lose most bits; per-row
+    scales leave each row its own range."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 128)
+    x[:4] *= 1e5
+    x = x.to(torch.bfloat16)
+    w = (torch.randn(96, 128) * 0.05).to(torch.bfloat16)
+    ordinary = x[4:]
+    exact = ordinary.double() @ w.double().t()
+    errors = {}
+    for scaling in SCALINGS:
+        out = Float8Matmul.apply(x, w, scaling)[4:]
+        errors[scaling] = ((out.double() - exact).norm() / exact.norm()).item()
+    assert errors["rowwise"] < 0.05 and errors["tensorwise"] > 5 * errors["rowwise"], errors
 
 
 def test_conversion_keeps_parameters_and_evaluation_and_approximates_training():
@@ -79,22 +114,31 @@ def test_conversion_keeps_parameters_and_evaluation_and_approximates_training():
 
 def test_trainer_with_float8_trains_and_checkpoints_the_same_tensors(corpus, tmp_path):  # noqa: F811
     runs = {}
-    for float8 in (False, True):
-        run_dir = tmp_path / f"float8-{float8}"
-        train(load_job_config(None, tiny_overrides(run_dir, corpus, **{"training.float8": float8})))
-        runs[float8] = read_metrics(run_dir)
+    for name, overrides in (("off", {}), ("tensorwise", {"training.float8": True}),
+                            ("rowwise", {"training.float8": True, "training.float8_scaling": "rowwise"})):
+        train(load_job_config(None, tiny_overrides(tmp_path / name, corpus, **overrides)))
+        runs[name] = read_metrics(tmp_path / name)
     losses = {k: [r["loss"] for r in v] for k, v in runs.items()}
-    assert losses[True][-1] < losses[True][0] - 1.0
-    assert losses[True] != losses[False]
-    assert max(abs(a - b) / b for a, b in zip(losses[True], losses[False])) < 0.02
+    for scaling in SCALINGS:
+        assert losses[scaling][-1] < losses[scaling][0] - 1.0
+        assert losses[scaling] != losses["off"]
+        assert max(abs(a - b) / b for a, b in zip(losses[scaling], losses["off"])) < 0.02
+    assert losses["rowwise"] != losses["tensorwise"]  # the scaling reaches the model's Linears
     # The same checkpoint layout: every tensor under the same key, shape and dtype.
     layouts = []
-    for float8 in (False, True):
-        checkpoint = tmp_path / f"float8-{float8}" / CHECKPOINTS_FOLDER / checkpoint_dir_name(30)
+    for name in runs:
+        checkpoint = tmp_path / name / CHECKPOINTS_FOLDER / checkpoint_dir_name(30)
         metadata = FileSystemReader(checkpoint).read_metadata()
         layouts.append({key: (tuple(item.size), item.properties.dtype)
                         for key, item in metadata.state_dict_metadata.items() if hasattr(item, "size")})
-    assert layouts[0] == layouts[1] and any(key.endswith("mlp.gate_proj.weight") for key in layouts[0])
+    assert layouts[0] == layouts[1] == layouts[2] and any(key.endswith("mlp.gate_proj.weight") for key in layouts[0])
+
+
+def test_float8_scaling_must_be_known(corpus, tmp_path):  # noqa: F811
+    cfg = load_job_config(None, tiny_overrides(tmp_path / "run", corpus, **{"training.float8_scaling": "per-row"}))
+    with pytest.raises(ConfigError, match=r"training\.float8_scaling must be one of \('tensorwise', 'rowwise'\), "
+                                          r"got 'per-row'"):
+        check_job(cfg, DistInfo(rank=0, local_rank=0, world_size=1))
 
 
 def test_float8_needs_an_fp8_capable_gpu(corpus, tmp_path, monkeypatch):  # noqa: F811
