@@ -17,7 +17,7 @@ gradient both ways in backward; and the matmul applies a vector of scales, not o
 Either is coarser than bf16, and by design: e4m3 keeps 3 mantissa bits, so each tensorwise
 matmul's result is off by ~4% (relative RMS) where bf16's is off by ~0.2%, and a run's loss curve
 strays further from the bf16 one than bf16's does from float32 (docs/performance.md has both
-measured for tensorwise).
+measured, for both scalings).
 
 The forward saves the input in fp8 (half of bf16) and the weight as is; backward casts the weight
 again, transposed, so no fp8 copy of a gathered weight outlives its forward."""
