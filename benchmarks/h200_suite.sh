@@ -39,7 +39,8 @@
 # compared, the kernels of two profiled steps counted; $PP_RUNS picks the runs, $PP_SET adds overrides),
 # bamba-9b-variants (the kept configuration once per override set in $VARIANTS, ';' between sets, an empty set as kept;
 # default "parallelism.sharding=per-param;"; $ROUNDS times, default 1; with $DEPTH, Bamba-9B's width at that many
-# blocks, e.g. NPROC=1 DEPTH=12 on one GPU), float8-check (one GPU: each Linear of a Bamba-9B block in bf16 and fp8,
+# blocks, e.g. NPROC=1 DEPTH=12 on one GPU), attention-check (one GPU: a Bamba-9B attention layer on each SDPA backend,
+# benchmarks/attention_check.py), float8-check (one GPU: each Linear of a Bamba-9B block in bf16 and fp8,
 # per tensor and per row, benchmarks/float8_check.py).
 # $NPROC sets the GPUs of the groups that run on two (default 2).
 # Default: the first five.
@@ -205,6 +206,9 @@ for group in $groups; do
           bench 9b${DEPTH:+-depth$DEPTH}-variant$index-round$round 300 $torchrun2 $final9b $depth ${override_sets[$index]}
         done
       done ;;
+    attention-check)  # one GPU: a Bamba-9B attention layer's SDPA on each backend, time and error against float64
+      bench attention-check 300 python benchmarks/attention_check.py
+      grep -E "ms .*TFLOP|not run" "$out/attention-check.log" ;;
     float8-check)  # one GPU: each Linear of a Bamba-9B block in bf16 and fp8 (per tensor, per row), time and error against float64
       bench float8-check 300 python benchmarks/float8_check.py
       grep -E "ms .*TFLOP" "$out/float8-check.log" ;;
