@@ -107,6 +107,8 @@ class OptimizerSection:
     """CUDA: update one FSDP unit at a time on a stream of its own, beside the next step's forward (same math)."""
     master_weights: bool = False
     """Keep the model's parameters in training.dtype and fp32 masters in the optimizer (gathers and gradients need no casts)."""
+    moments_dtype: str = "float32"
+    """With master_weights: AdamW's two moments in float32 | bfloat16 (half their memory and update traffic, coarser)."""
 
 
 @dataclass

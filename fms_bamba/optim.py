@@ -14,6 +14,7 @@ from fms_bamba.model import Bamba, optimizer_param_groups
 from fms_bamba.staging import local_shard
 
 WARMUP_SHAPES = ("linear", "quadratic")
+MOMENTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DECAYS = ("cosine", "linear", "constant", "wsd")
 
 
@@ -35,16 +36,17 @@ def build_optimizer(model: nn.Module, cfg: OptimizerSection, *, weights: nn.Modu
     return optimizer
 
 
-def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
-    """Create AdamW's state as its first step would (step 0, zero moments), so that the state
-    exists before any step: a checkpoint loads into it, and its host copy can be allocated at the
-    start of a run (`CheckpointManager.prepare_staging`). DCP would otherwise make it with a step
-    at lr 0, which counts as step 1 in the bias correction."""
+def init_adamw_state(optimizer: torch.optim.AdamW, moments_dtype: torch.dtype | None = None) -> None:
+    """Create AdamW's state as its first step would (step 0, zero moments, in `moments_dtype` or
+    the parameter's), so that the state exists before any step: a checkpoint loads into it, and
+    its host copy can be allocated at the start of a run (`CheckpointManager.prepare_staging`).
+    DCP would otherwise make it with a step at lr 0, which counts as step 1 in the bias correction."""
     for group in optimizer.param_groups:
         for param in group["params"]:
             optimizer.state[param] = {
                 "step": torch.zeros((), dtype=torch.float32, device=param.device),  # fused AdamW's dtype
-                "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+                "exp_avg": torch.zeros_like(param, dtype=moments_dtype),
+                "exp_avg_sq": torch.zeros_like(param, dtype=moments_dtype)}
 
 
 def master_weights(model: Bamba) -> Bamba:
@@ -83,13 +85,14 @@ def adamw_with_masters(masters: list[torch.Tensor], grads: list[torch.Tensor], e
                        beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     """One AdamW step, in place, in fused AdamW's order of operations: the fp32 master, both
     moments and the step count are updated from a (bf16) gradient divided by `grad_scale`, and
-    the (bf16) parameter set to the new master; nothing changes where `found_inf` is 1.
+    the (bf16) parameter set to the new master; nothing changes where `found_inf` is 1. The math
+    is fp32 whatever the moments' dtype; bf16 moments are rounded once, when written back.
     Compiled, each tensor's update is one pass over memory."""
     for master, grad, exp_avg, exp_avg_sq, param, step in zip(masters, grads, exp_avgs, exp_avg_sqs, params, steps):
         g = grad.float() if grad_scale is None else grad.float() / grad_scale
         new_step = step + 1
-        new_exp_avg = exp_avg * beta1 + g * (1 - beta1)
-        new_exp_avg_sq = exp_avg_sq * beta2 + g * g * (1 - beta2)
+        new_exp_avg = exp_avg.float() * beta1 + g * (1 - beta1)
+        new_exp_avg_sq = exp_avg_sq.float() * beta2 + g * g * (1 - beta2)
         denom = new_exp_avg_sq.sqrt() / (1 - beta2 ** new_step).sqrt() + eps
         new_master = master - lr * weight_decay * master - lr / (1 - beta1 ** new_step) * new_exp_avg / denom
         if found_inf is not None:
@@ -114,20 +117,29 @@ class MasterWeightAdamW(torch.optim.AdamW):
     wants parameters and gradients of one dtype.
 
     Its param groups hold the masters, and its state has torch's AdamW keys, so a checkpoint of
-    `weights` and this optimizer has the same layout as one of an fp32 model and torch's AdamW.
+    `weights` and this optimizer has the same layout as one of an fp32 model and torch's AdamW
+    (with `optimizer.moments_dtype=bfloat16`, the moments saved as bf16: either kind of run
+    resumes from the other's checkpoints, the moments cast on load).
     Honours `grad_scale` and `found_inf` as the fused kernel does."""
 
     def __init__(self, model: nn.Module, weights: nn.Module, cfg: OptimizerSection):
         super().__init__(optimizer_param_groups(weights, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                          eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
         self.param_of = {master: param for master, param in paired_parameters(model, weights)}
-        init_adamw_state(self)
+        self.moments_dtype = MOMENTS_DTYPES[cfg.moments_dtype]
+        init_adamw_state(self, self.moments_dtype)
         cuda = next(iter(self.param_of)).device.type == "cuda"
         self.update = torch.compile(adamw_with_masters, fullgraph=True) if cuda else adamw_with_masters
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for param in self.param_of.values():
             param.grad = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # which casts every moment to its master's dtype, fp32
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = state[key].to(self.moments_dtype)
 
     @torch.no_grad()
     def step(self, closure=None) -> None:

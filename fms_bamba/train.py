@@ -31,6 +31,7 @@ from fms_bamba.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
 from fms_bamba.model.float8 import SCALINGS as FLOAT8_SCALINGS, convert_to_float8
 from fms_bamba.optim import (
+    MOMENTS_DTYPES,
     UpdateBesideForward,
     build_lr_scheduler,
     build_optimizer,
@@ -206,6 +207,12 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
     if cfg.optimizer.master_weights and cfg.training.dtype == "float32":
         raise ConfigError("optimizer.master_weights keeps fp32 masters of a bf16 model: it needs training.dtype "
                           "bfloat16, got float32")
+    if cfg.optimizer.moments_dtype not in MOMENTS_DTYPES:
+        raise ConfigError(f"optimizer.moments_dtype must be one of {tuple(MOMENTS_DTYPES)}, "
+                          f"got {cfg.optimizer.moments_dtype!r}")
+    if cfg.optimizer.moments_dtype != "float32" and not cfg.optimizer.master_weights:
+        raise ConfigError(f"optimizer.moments_dtype={cfg.optimizer.moments_dtype} needs optimizer.master_weights=true "
+                          "(torch's fused AdamW keeps the moments in the parameters' dtype)")
     if cfg.optimizer.master_weights and plan.grad_accum_steps > 1:
         # FSDP would sum the micro-batches' gradients into the bf16 gradient shards.
         raise ConfigError(f"optimizer.master_weights keeps gradients in bf16, too coarse to accumulate "

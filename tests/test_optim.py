@@ -232,6 +232,43 @@ def test_master_weight_adamw_is_fused_adamw_on_the_masters():
     assert optimizers[1].state[master]["step"].item() == 2  # the skipped step did not count
 
 
+def test_bfloat16_moments_are_the_fp32_update_rounded_once():
+    """optimizer.moments_dtype=bfloat16: the moments are kept in bf16, and each step's are the fp32
+    formula applied to the kept (bf16) moments, rounded once when written back, with the master
+    moving by the same formula from them; a float32 run's moments stay within bf16's rounding of
+    them after a few steps, and the masters close."""
+    from fms_bamba.train import global_grad_norm, set_clipping_and_skipping
+
+    pairs = [tiny_master_model() for _ in range(2)]
+    optimizers = [build_optimizer(model, OptimizerSection(lr=1e-2, master_weights=True, moments_dtype=dtype),
+                                  weights=weights) for (model, weights), dtype in zip(pairs, ("float32", "bfloat16"))]
+    assert {s[k].dtype for s in optimizers[1].state.values() for k in ("exp_avg", "exp_avg_sq")} == {torch.bfloat16}
+    beta1, beta2 = optimizers[1].param_groups[0]["betas"]
+    for step in range(3):
+        generator = torch.Generator().manual_seed(step)
+        grads = [torch.randn(p.shape, generator=generator).bfloat16() for p in pairs[0][0].parameters()]
+        before = {m: {k: v.clone() for k, v in optimizers[1].state[m].items()} for m in pairs[1][1].parameters()}
+        for (model, _), optimizer in zip(pairs, optimizers):
+            for param, grad in zip(model.parameters(), grads):
+                param.grad = grad.clone()
+            set_clipping_and_skipping(optimizer, global_grad_norm(list(model.parameters())), 0.0, torch.tensor(False))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for (master, _), grad in zip(paired_parameters(*pairs[1]), grads):
+            old, new = before[master], optimizers[1].state[master]
+            assert new["exp_avg"].dtype == torch.bfloat16 and new["step"].item() == step + 1
+            assert torch.equal(new["exp_avg"], (old["exp_avg"].float() * beta1 + grad.float() * (1 - beta1)).bfloat16())
+            assert torch.equal(new["exp_avg_sq"],
+                               (old["exp_avg_sq"].float() * beta2 + grad.float() ** 2 * (1 - beta2)).bfloat16())
+    def relative(got: torch.Tensor, exact: torch.Tensor) -> float:
+        return ((got.float() - exact).norm() / exact.norm()).item()
+
+    for (name, a), b in zip(pairs[0][1].named_parameters(), pairs[1][1].parameters()):
+        errors = [relative(optimizers[1].state[b][k], optimizers[0].state[a][k]) for k in ("exp_avg", "exp_avg_sq")]
+        assert max(errors) < 2 ** -8, (name, errors)  # bf16 keeps 8 bits: a few roundings of 2^-9 each
+        assert relative(b, a) < 1e-3, name
+
+
 def test_compiled_master_update_matches_eager():
     """The update as the trainer runs it on CUDA (compiled into one pass per tensor) equals the
     eager function it is compiled from; a skipped step leaves every tensor as it was."""

@@ -250,6 +250,9 @@ def test_a_signal_in_the_last_step_ends_the_run_complete(corpus, tmp_path, monke
     (lambda tmp, corpus: as_cli_args(tiny_overrides(tmp / "run", corpus, **{
         "optimizer.master_weights": True, "training.global_batch_sequences": 16})),
      r"optimizer\.master_weights keeps gradients in bf16, too coarse to accumulate 2 micro-batches per step"),
+    (lambda tmp, corpus: ["--optimizer.moments_dtype=float16"], r"optimizer\.moments_dtype must be one of"),
+    (lambda tmp, corpus: ["--optimizer.moments_dtype=bfloat16"],
+     r"optimizer\.moments_dtype=bfloat16 needs optimizer\.master_weights=true"),
     (lambda tmp, corpus: ["--training.gc_interval=-1"], r"training\.gc_interval must be >= 0, got -1"),
     (lambda tmp, corpus: ["--profiling.steps=0"], r"profiling\.start_step and profiling\.steps must be >= 1"),
     (lambda tmp, corpus: ["--profiling.enable=true", "--profiling.start_step=299", "--profiling.steps=3"],
@@ -377,8 +380,10 @@ def test_master_weights_run_resumes_exactly_and_saves_the_plain_layout(corpus, t
         shutil.rmtree(run_dir / CHECKPOINTS_FOLDER / checkpoint_dir_name(6))
         run(run_dir, master)
     # Either kind of run continues from the other's checkpoint (the CPU computes in fp32 without masters).
+    # (metrics.jsonl: the copied run's 6 records, then the continuation's steps 4-6)
     for run_dir, source in ((as_plain, "master"), (as_master, "plain")):
-        assert [r["loss"] for r in read_metrics(run_dir)[3:6]] == \
+        assert [r["step"] for r in read_metrics(run_dir)[6:]] == [4, 5, 6]
+        assert [r["loss"] for r in read_metrics(run_dir)[6:]] == \
                pytest.approx([r["loss"] for r in read_metrics(runs[source])[3:6]], rel=0.01)
 
     final = {name: load_tensors(run / CHECKPOINTS_FOLDER / checkpoint_dir_name(6), prefix="")
@@ -390,6 +395,41 @@ def test_master_weights_run_resumes_exactly_and_saves_the_plain_layout(corpus, t
     plain, master = (read_metrics(runs[name]) for name in ("plain", "master"))
     assert [r["loss"] for r in master] == pytest.approx([r["loss"] for r in plain], rel=0.02)
     assert master[-1]["loss"] < master[0]["loss"] - 0.5
+
+
+def test_bfloat16_moments_resume_exactly_and_from_float32_moments(corpus, tmp_path):
+    """optimizer.moments_dtype=bfloat16: the checkpoint holds the moments in bf16 (everything else
+    as with float32 moments), a run resumed from its step-3 checkpoint ends at the same step-6
+    bits as the uninterrupted run, a run continuing from float32 moments keeps bf16 ones (torch's
+    load would make them fp32), and it trains like the float32 run."""
+    def run(run_dir: Path, moments: str) -> None:
+        train(load_job_config(None, tiny_overrides(run_dir, corpus, **{
+            "training.steps": 6, "metrics.log_interval": 1, "checkpoint.interval": 3, "checkpoint.keep_last": 2,
+            "optimizer.master_weights": True, "optimizer.moments_dtype": moments})))
+
+    runs = {moments: tmp_path / moments for moments in ("float32", "bfloat16")}
+    for moments, run_dir in runs.items():
+        run(run_dir, moments)
+    resumed, converted = tmp_path / "resumed", tmp_path / "converted"
+    for run_dir, source in ((resumed, "bfloat16"), (converted, "float32")):
+        shutil.copytree(runs[source], run_dir)
+        shutil.rmtree(run_dir / CHECKPOINTS_FOLDER / checkpoint_dir_name(6))
+        run(run_dir, "bfloat16")
+    final = {name: load_tensors(run_dir / CHECKPOINTS_FOLDER / checkpoint_dir_name(6), prefix="")
+             for name, run_dir in (*runs.items(), ("resumed", resumed), ("converted", converted))}
+    assert all(torch.equal(final["bfloat16"][k], final["resumed"][k]) for k in final["bfloat16"] if not k.startswith("rng."))
+    moments = [k for k in final["float32"] if k.endswith(("exp_avg", "exp_avg_sq"))]
+    assert moments and final["float32"].keys() == final["bfloat16"].keys()
+    for name in ("bfloat16", "converted"):
+        assert {final[name][k].dtype for k in moments} == {torch.bfloat16}
+        assert {k: v.dtype for k, v in final[name].items() if k not in moments} == \
+               {k: v.dtype for k, v in final["float32"].items() if k not in moments}
+    losses = {name: [r["loss"] for r in read_metrics(run_dir)] for name, run_dir in (*runs.items(), ("converted", converted))}
+    assert losses["bfloat16"] != losses["float32"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+    # its metrics.jsonl: the copied run's 6 records, then its own steps 4-6
+    assert [r["step"] for r in read_metrics(converted)[6:]] == [4, 5, 6]
+    assert losses["converted"][6:] == pytest.approx(losses["float32"][3:], rel=0.01)
 
 
 def test_build_model_with_master_weights_keeps_bf16_shards_of_the_fp32_init():
