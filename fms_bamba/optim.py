@@ -14,8 +14,8 @@ from fms_bamba.model import Bamba, optimizer_param_groups
 from fms_bamba.staging import local_shard
 
 WARMUP_SHAPES = ("linear", "quadratic")
-MOMENTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DECAYS = ("cosine", "linear", "constant", "wsd")
+MOMENTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerSection, *, weights: nn.Module | None = None) -> torch.optim.AdamW:
