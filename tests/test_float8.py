@@ -153,10 +153,12 @@ def test_float8_needs_an_fp8_capable_gpu(corpus, tmp_path, monkeypatch):  # noqa
 @pytest.mark.slow
 def test_float8_under_both_shardings_with_weights_freed_between_forward_and_backward(corpus, tmp_path):  # noqa: F811
     """2 ranks, every block resharded after forward, so the weight that Float8Matmul saves is freed
-    and gathered again for backward: FSDP2 and per-param give the same bits."""
+    and gathered again for backward: FSDP2 and per-param give the same bits. (With bf16 masters'
+    moments too, `optimizer.moments_dtype`, the other option that changes only the arithmetic.)"""
     runs = run_both_shardings(tmp_path, corpus, "float8", {
         "training.float8": True, "training.steps": 6, "metrics.log_interval": 2, "checkpoint.interval": 6,
-        "parallelism.reshard_after_forward": "always"})
+        "parallelism.reshard_after_forward": "always", "optimizer.master_weights": True,
+        "optimizer.moments_dtype": "bfloat16"})
     fsdp2, per_param = (read_metrics(runs[s]) for s in ("fsdp2", "per-param"))
     assert [(r["loss"], r["grad_norm"]) for r in per_param] == [(r["loss"], r["grad_norm"]) for r in fsdp2]
     assert fsdp2[-1]["loss"] < fsdp2[0]["loss"]
