@@ -215,9 +215,10 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
                           "(torch's fused AdamW keeps the moments in the parameters' dtype)")
     if cfg.optimizer.moments_dtype == "bfloat16":
         for name in ("beta1", "beta2"):  # bf16 rounds away a relative change below 2^-9..2^-8: the moment stalls
-            if 1 - getattr(cfg.optimizer, name) < 2 ** -7:
+            decay = 1 - getattr(cfg.optimizer, name)
+            if decay < 2 ** -7:
                 raise ConfigError(f"optimizer.moments_dtype=bfloat16 would round away optimizer.{name}'s decay of "
-                                  f"{1 - getattr(cfg.optimizer, name):.4g} per step (bf16 keeps 8 significant bits): "
+                                  f"{decay:.4g} per step (bf16 keeps 8 significant bits): "
                                   f"use moments_dtype float32, or {name} <= {1 - 2 ** -7:.4f}")
     if cfg.optimizer.master_weights and plan.grad_accum_steps > 1:
         # FSDP would sum the micro-batches' gradients into the bf16 gradient shards.
