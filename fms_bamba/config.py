@@ -350,7 +350,8 @@ def _build(cls: type, raw: Any, *, prefix: str, where: str, base: Any = None):
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     """Convert `value` (from YAML or the command line) to the annotated type, or say why not.
 
-    JobConfig's leaf fields are bool, int, float, str, lists of those, and `X | None`."""
+    JobConfig's leaf fields are bool, int, float, str, lists of those, and `X | None`; BambaConfig
+    (benchmarks' `--set`) adds `tuple[X, ...]`, read as a list."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
@@ -362,6 +363,8 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}{where} must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(value, list[args[0]], key, where))
     if hint is bool:
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.lower() in ("true", "yes", "on", "1")

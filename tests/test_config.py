@@ -163,11 +163,15 @@ def test_replace_fields_types_overrides_of_any_dataclass():
     from fms_bamba.model import BambaConfig
 
     base = BambaConfig.from_preset("tiny")
-    config = replace_fields(base, ["loss_chunk_tokens=32", "norm_eps=1e-6", "bos_token_id=null"])
+    config = replace_fields(base, ["loss_chunk_tokens=32", "norm_eps=1e-6", "bos_token_id=null", "n_layers=3",
+                                   "attn_layer_indices=[1]"])
     assert (config.loss_chunk_tokens, config.norm_eps, config.bos_token_id) == (32, 1e-6, None)
+    assert (config.n_layers, config.attn_layer_indices) == (3, (1,))
     assert config.hidden_size == base.hidden_size
     with pytest.raises(ConfigError, match="did you mean loss_chunk_tokens"):
         replace_fields(base, ["loss_chunk=32"])
+    with pytest.raises(ConfigError, match=r"attn_layer_indices\[0\] must be int"):
+        replace_fields(base, ["attn_layer_indices=[x]"])
 
 
 def test_model_depth_overrides_build_a_shallower_preset():
