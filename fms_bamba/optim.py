@@ -11,11 +11,11 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPO
 
 from fms_bamba.config import LRSchedulerSection, OptimizerSection
 from fms_bamba.model import Bamba, optimizer_param_groups
+from fms_bamba.parallel import DTYPES
 from fms_bamba.staging import local_shard
 
 WARMUP_SHAPES = ("linear", "quadratic")
 DECAYS = ("cosine", "linear", "constant", "wsd")
-MOMENTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerSection, *, weights: nn.Module | None = None) -> torch.optim.AdamW:
@@ -126,7 +126,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         super().__init__(optimizer_param_groups(weights, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                          eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
         self.param_of = {master: param for master, param in paired_parameters(model, weights)}
-        self.moments_dtype = MOMENTS_DTYPES[cfg.moments_dtype]
+        self.moments_dtype = DTYPES[cfg.moments_dtype]
         init_adamw_state(self, self.moments_dtype)
         cuda = next(iter(self.param_of)).device.type == "cuda"
         self.update = torch.compile(adamw_with_masters, fullgraph=True) if cuda else adamw_with_masters

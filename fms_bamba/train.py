@@ -31,7 +31,6 @@ from fms_bamba.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from fms_bamba.model import Bamba, BambaConfig, num_flops_per_token
 from fms_bamba.model.float8 import SCALINGS as FLOAT8_SCALINGS, convert_to_float8
 from fms_bamba.optim import (
-    MOMENTS_DTYPES,
     UpdateBesideForward,
     build_lr_scheduler,
     build_optimizer,
@@ -207,8 +206,8 @@ def check_job(cfg: JobConfig, info: DistInfo) -> tuple[BambaConfig, BatchPlan, t
     if cfg.optimizer.master_weights and cfg.training.dtype == "float32":
         raise ConfigError("optimizer.master_weights keeps fp32 masters of a bf16 model: it needs training.dtype "
                           "bfloat16, got float32")
-    if cfg.optimizer.moments_dtype not in MOMENTS_DTYPES:
-        raise ConfigError(f"optimizer.moments_dtype must be one of {tuple(MOMENTS_DTYPES)}, "
+    if cfg.optimizer.moments_dtype not in DTYPES:
+        raise ConfigError(f"optimizer.moments_dtype must be one of {tuple(DTYPES)}, "
                           f"got {cfg.optimizer.moments_dtype!r}")
     if cfg.optimizer.moments_dtype != "float32" and not cfg.optimizer.master_weights:
         raise ConfigError(f"optimizer.moments_dtype={cfg.optimizer.moments_dtype} needs optimizer.master_weights=true "
